@@ -1,0 +1,115 @@
+"""Photo -> canvas, as the contract says; and the Android reference to measure it against.
+
+`decode` turns file bytes into an RGB or RGBA image (or raises `BadImage`
+naming the cause); `to_canvas` draws it on the square black canvas. The same two
+functions serve resize256, the reading client and the tests, so the canvas is
+defined once.
+
+`android_canvas` emulates the app with Skia, the library Android draws with:
+`Bitmap.createScaledBitmap(src, w, h, filter=true)` (bilinear sampling, no
+mipmaps) then `Canvas.drawBitmap` at integer offsets onto a black ARGB_8888
+bitmap (premultiplied source-over). eval_parity's canvas rung measures how far
+`to_canvas` is from it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from src.contract import CanvasSpec
+
+
+class BadImage(ValueError):
+    """A photo that cannot become a canvas; the message names the cause."""
+
+
+def fit_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(scaled_w, scaled_h, left, top) as the app computes them.
+
+    Kotlin does this in Float (float32): `scale = min(size.toFloat()/w, size.toFloat()/h)`,
+    then `(w * scale).toInt()` truncates. float64 would round some sizes the other way.
+    """
+    f = np.float32
+    scale = min(f(size) / f(width), f(size) / f(height))
+    new_w, new_h = int(f(width) * scale), int(f(height) * scale)
+    if new_w < 1 or new_h < 1:
+        raise BadImage(f"aspect ratio {width}x{height} scales to {new_w}x{new_h}: a side below one pixel")
+    return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
+
+
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+    """16-bit grey (I;16 / I) -> 8-bit L by the top byte; PIL's convert would clip instead."""
+    arr = np.asarray(img, dtype=np.uint32)
+    return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
+
+
+def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
+    """File bytes -> RGB, or RGBA when the photo carries transparency."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises several types for "not an image"
+        raise BadImage(f"not a decodable image: {e}") from None
+    if img.width * img.height > spec.max_pixels:
+        raise BadImage(f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds max_pixels {spec.max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.seek(0)  # animated: the first frame, as BitmapFactory decodes it
+            img.load()
+    except Exception as e:
+        raise BadImage(f"{img.format or 'image'} is truncated or corrupt: {e}") from None
+    if spec.exif == "apply":
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = _sixteen_bit_to_8(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    return img.convert("RGBA" if has_alpha else "RGB")
+
+
+_PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
+
+
+def to_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
+    """The training canvas: scaled, centred on black, RGB, `spec.size` square."""
+    if spec.resample == "skia_bilinear":
+        return android_canvas(img, spec)
+    new_w, new_h, left, top = fit_box(img.width, img.height, spec.size)
+    canvas = Image.new("RGB", (spec.size, spec.size), (0, 0, 0))
+    if img.mode == "RGBA" and spec.alpha == "composite_black":
+        # Resample premultiplied (as Skia does); premultiplied RGB *is* the colour over black.
+        scaled = img.convert("RGBa").resize((new_w, new_h), _PIL_FILTERS[spec.resample])
+        canvas.paste(Image.fromarray(np.ascontiguousarray(np.asarray(scaled)[..., :3]), "RGB"), (left, top))
+    else:
+        canvas.paste(img.convert("RGB").resize((new_w, new_h), _PIL_FILTERS[spec.resample]), (left, top))
+    return canvas
+
+
+def android_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
+    """What the app draws, emulated with Skia (see the module docstring)."""
+    import skia  # only the reference and `skia_bilinear` need it
+
+    new_w, new_h, left, top = fit_box(img.width, img.height, spec.size)
+    rgba = np.ascontiguousarray(np.asarray(img.convert("RGBA")))
+    if spec.alpha == "drop":
+        rgba[..., 3] = 255
+    src = skia.Image.fromarray(rgba, colorType=skia.kRGBA_8888_ColorType, alphaType=skia.kUnpremul_AlphaType)
+    info = skia.ImageInfo.Make(new_w, new_h, skia.kRGBA_8888_ColorType, skia.kPremul_AlphaType)
+    scaled = skia.Surface.MakeRaster(info)
+    scaled.getCanvas().clear(skia.ColorTRANSPARENT)
+    scaled.getCanvas().drawImageRect(src, skia.Rect.MakeWH(new_w, new_h), skia.SamplingOptions(skia.FilterMode.kLinear))
+    board = skia.Surface.MakeRaster(skia.ImageInfo.Make(spec.size, spec.size, skia.kRGBA_8888_ColorType, skia.kPremul_AlphaType))
+    board.getCanvas().clear(skia.ColorBLACK)
+    board.getCanvas().drawImage(scaled.makeImageSnapshot(), left, top)
+    out = board.makeImageSnapshot().toarray(colorType=skia.kRGBA_8888_ColorType, alphaType=skia.kPremul_AlphaType)
+    return Image.fromarray(np.ascontiguousarray(out[..., :3]), "RGB")
+
+
+def canvas_png(canvas: Image.Image) -> bytes:
+    """Lossless, deterministic PNG bytes (no timestamps or text chunks)."""
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()

