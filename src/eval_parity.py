@@ -1,0 +1,238 @@
+"""eval_parity: prove on the test split that the app sees what training saw, rung by rung.
+
+Inputs:  SPLIT/test.jsonl, the canvases (RESIZE256) and original photos (DOWNLOAD), the merged
+         transformers model (FINETUNE), the f16 text GGUF + mmproj (CONVERT_GGUF), the Q8_0 text
+         GGUF (QUANTIZE_Q8).
+Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: truth, answers, first-token
+         label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
+Params:  contract.*, eval_parity.*
+Command: python -m src.eval_parity data/split data/resize256 data/download models/finetune \
+             models/convert_gguf models/quantize_q8 metrics/parity.json metrics/parity_images.csv \
+             metrics/parity_confusion.json
+
+The ladder, each rung a key of the metrics:
+  canvas   training canvas vs the Skia emulation of Android (max_abs_diff, psnr, prediction_flips)
+           and vs the stored canvas (stored_identical_rate: resize256 is reproducible).
+  eos      the EOS the contract names is the EOS of the HF generation config and of the GGUF.
+  layout   transformers input ids (image expanded) == llama.cpp's mtmd chunks, per image.
+  logits   first-token logits, HF vs f16 GGUF (max |diff|) and KL over the labels, HF vs Q8_0.
+  accuracy / agreement / invalid_rate   greedy answers of HF, f16 and Q8_0.
+A rung below its gate fails the stage with a report naming the rung and the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from src import vlm
+from src.canvas import android_canvas, canvas_png, decode, to_canvas
+from src.contract import Contract
+from src.convert_gguf import text_gguf, the_mmproj
+from src.llama_runtime import Chunk, LlamaVLM
+from src.params import stage_params
+from src.records import read_jsonl, write_json, write_text_atomic
+
+
+class ParityError(SystemExit):
+    """A rung below its gate; the message names the rung and the offending images."""
+
+
+@dataclass
+class Row:
+    id: str
+    canvas: str
+    truth: str
+    answers: dict[str, str | None] = field(default_factory=dict)  # side -> label, None if invalid
+    raw: dict[str, str] = field(default_factory=dict)  # side -> decoded text
+    probs: dict[str, list[float]] = field(default_factory=dict)  # side -> first-token label probabilities
+
+
+def parse_answer(text: str, stopped: bool, contract: Contract) -> str | None:
+    """The label, if the answer is exactly one label and generation stopped within the budget."""
+    for label in contract.labels:
+        if stopped and text == contract.target.text(label):
+            return label
+    return None
+
+
+def expand(chunks: list[Chunk], image_token_id: int) -> list[int]:
+    """llama.cpp's layout as one id list, image positions written as the HF image token."""
+    ids: list[int] = []
+    for c in chunks:
+        ids.extend(c.tokens if c.kind == "text" else [image_token_id] * c.n_tokens)
+    return ids
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)  # 99 dB stands for identical
+
+
+def canvas_rung(photo: bytes, stored: bytes, contract: Contract) -> tuple[Image.Image, Image.Image, float, float, bool]:
+    """(training canvas, Android canvas, max |diff|, PSNR, training canvas == stored canvas)."""
+    img = decode(photo, contract.canvas)
+    train, android = to_canvas(img, contract.canvas), android_canvas(img, contract.canvas)
+    a, b = np.asarray(train), np.asarray(android)
+    return train, android, float(np.abs(a.astype(int) - b.astype(int)).max()), psnr(a, b), canvas_png(train) == stored
+
+
+def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]]) -> list[str]:
+    """One message per failed rung, naming it and up to ten offending images."""
+    def names(rung: str) -> str:
+        ids = offenders.get(rung, [])
+        return f" ({len(ids)} images: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})" if ids else ""
+
+    fails = []
+    if not m["eos"]["ok"]:
+        fails.append(f"rung eos: contract EOS {m['eos']['contract']!r}, HF generation config {m['eos']['hf']!r}, "
+                     f"GGUF {m['eos']['gguf']!r}")
+    if m["layout"]["identical_rate"] < g["min_layout_identical_rate"]:
+        fails.append(f"rung layout: identical_rate {m['layout']['identical_rate']:.3f} < "
+                     f"{g['min_layout_identical_rate']}" + names("layout"))
+    if m["agreement"]["f16"] < g["min_agreement_f16"]:
+        fails.append(f"rung agreement.f16: {m['agreement']['f16']:.3f} < {g['min_agreement_f16']}" + names("f16"))
+    if m["agreement"]["q8_0"] < g["min_agreement_q8_0"]:
+        fails.append(f"rung agreement.q8_0: {m['agreement']['q8_0']:.3f} < {g['min_agreement_q8_0']}" + names("q8_0"))
+    if m["invalid_rate"]["q8_0"] > g["max_invalid_rate_q8_0"]:
+        fails.append(f"rung invalid_rate.q8_0: {m['invalid_rate']['q8_0']:.3f} > {g['max_invalid_rate_q8_0']}"
+                     + names("invalid_q8_0"))
+    return fails
+
+
+def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photos: dict[str, bytes],
+           model_dir: Path, f16: tuple[Path, Path], q8: tuple[Path, Path], n_ctx: int,
+           llama_prompt: str | None = None) -> tuple[dict[str, Any], list[Row], dict[str, list[str]]]:
+    """Run every rung on `rows`. `llama_prompt` overrides the rendered llama.cpp prompt (tests break parity with it)."""
+    model, processor = vlm.load(str(model_dir))
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
+    label_ids = vlm.label_token_ids(tok, contract.labels, contract.target)
+    gen = contract.generation
+    out: list[Row] = []
+    offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": []}
+    canvas_diffs, canvas_psnrs, stored_same, flips, image_tokens = [], [], [], 0, set()
+    logit_diffs, kls = [], []
+    with LlamaVLM(*f16, n_ctx=n_ctx) as vf16, LlamaVLM(*q8, n_ctx=n_ctx) as vq8:
+        prompt = llama_prompt if llama_prompt is not None else contract.prompt_for(vf16.marker())
+        eos = {"contract": contract.target.eos, "hf": tok.convert_ids_to_tokens(model.generation_config.eos_token_id),
+               "gguf": vq8.llm.detokenize([vq8.llm.token_eos()], special=True).decode()}
+        eos["ok"] = eos["contract"] == eos["hf"] == eos["gguf"]
+        for r in tqdm(rows, desc="eval_parity"):
+            row = Row(r["id"], r["canvas"], r["element"])
+            stored = (canvases / r["canvas"]).read_bytes()
+            canvas = Image.open(io.BytesIO(stored)).convert("RGB")
+            if r["id"] in photos:
+                _, android, diff, p, same = canvas_rung(photos[r["id"]], stored, contract)
+                canvas_diffs.append(diff)
+                canvas_psnrs.append(p)
+                stored_same.append(same)
+                a_ans = vq8.generate(prompt, android, gen)
+                row.answers["q8_0_android"] = parse_answer(a_ans.text, a_ans.stopped, contract)
+            inputs = vlm.prompt_inputs(processor, contract.prompt, contract.labels, canvas)
+            hf_ids = inputs["input_ids"][0].tolist()
+            layout = vf16.layout(prompt, canvas)
+            image_tokens.add(sum(c.n_tokens for c in layout if c.kind == "image"))
+            if expand(layout, image_token_id) != hf_ids:
+                offenders["layout"].append(r["id"])
+            hf_logits = vlm.first_logits(model, inputs).numpy()
+            text, _, stopped = vlm.generate(model, processor, inputs, gen.max_new_tokens)
+            row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
+            row.probs["hf"] = softmax(hf_logits[label_ids]).tolist()
+            for side, v in (("f16", vf16), ("q8_0", vq8)):
+                ans = v.generate(prompt, canvas, gen)
+                row.raw[side], row.answers[side] = ans.text, parse_answer(ans.text, ans.stopped, contract)
+                row.probs[side] = softmax(ans.first_logits[label_ids]).tolist()
+                if side == "f16":
+                    logit_diffs.append(float(np.abs(ans.first_logits[: len(hf_logits)] - hf_logits).max()))
+                else:
+                    kls.append(kl(np.array(row.probs["hf"]), np.array(row.probs["q8_0"])))
+                if row.answers[side] != row.answers["hf"]:
+                    offenders[side].append(r["id"])
+            if row.answers["q8_0"] is None:
+                offenders["invalid_q8_0"].append(r["id"])
+            if "q8_0_android" in row.answers and row.answers["q8_0_android"] != row.answers["q8_0"]:
+                flips += 1
+                offenders["flips"].append(r["id"])
+            out.append(row)
+
+    n = len(out)
+
+    def rate(side: str, pred: Any) -> float:
+        return round(sum(pred(x) for x in out) / n, 4) if n else 0.0
+
+    metrics = {
+        "n_test": n,
+        "canvas": {"max_abs_diff": max(canvas_diffs, default=0.0), "psnr": round(min(canvas_psnrs, default=99.0), 2),
+                   "psnr_mean": round(float(np.mean(canvas_psnrs)) if canvas_psnrs else 99.0, 2),
+                   "prediction_flips": flips,
+                   "stored_identical_rate": round(sum(stored_same) / len(stored_same), 4) if stored_same else 0.0},
+        "eos": eos,
+        "layout": {"identical_rate": round(1 - len(offenders["layout"]) / n, 4) if n else 0.0,
+                   "image_tokens_per_photo": max(image_tokens, default=0)},
+        "logits": {"max_abs_diff_f16": round(max(logit_diffs, default=0.0), 6),
+                   "kl_q8_0": round(float(np.mean(kls)) if kls else 0.0, 6),
+                   "kl_q8_0_max": round(max(kls, default=0.0), 6)},
+        "accuracy": {s: rate(s, lambda x, s=s: x.answers[s] == x.truth) for s in ("hf", "f16", "q8_0")},
+        "agreement": {s: rate(s, lambda x, s=s: x.answers[s] == x.answers["hf"]) for s in ("f16", "q8_0")},
+        "invalid_rate": {s: rate(s, lambda x, s=s: x.answers[s] is None) for s in ("hf", "f16", "q8_0")},
+    }
+    return metrics, out, offenders
+
+
+def images_csv(rows: list[Row], labels: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    sides = ("hf", "f16", "q8_0")
+    w.writerow(["id", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels]])
+    for r in rows:
+        w.writerow([r.id, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
+                    r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]]])
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("split", "resize256", "download", "finetune", "convert_gguf", "quantize_q8", "metrics", "images", "confusion"):
+        ap.add_argument(name, type=Path)
+    args = ap.parse_args()
+    p = stage_params("eval_parity")
+    contract, g = Contract.from_dict(p["contract"]), p["eval_parity"]
+    rows = read_jsonl(args.split / "test.jsonl")
+    records = {r["id"]: r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"}
+    photos = {r["id"]: (args.download / records[r["id"]]["path"]).read_bytes() for r in rows if r["id"] in records}
+    mm = the_mmproj(args.convert_gguf)
+    metrics, out, offenders = ladder(contract, rows, args.resize256, photos, args.finetune,
+                                     (text_gguf(args.convert_gguf, "f16"), mm), (text_gguf(args.quantize_q8, "q8_0"), mm),
+                                     g["n_ctx"])
+    write_json(args.metrics, metrics)
+    write_text_atomic(args.images, images_csv(out, contract.labels))
+    write_json(args.confusion, [{"truth": r.truth, "predicted": r.answers["q8_0"] or "invalid"} for r in out])
+    fails = gates(metrics, g, offenders)
+    if fails:
+        raise ParityError("eval_parity: parity gate failed\n  " + "\n  ".join(fails))
+    print(f"eval_parity: n_test {metrics['n_test']}, layout {metrics['layout']['identical_rate']}, "
+          f"agreement f16 {metrics['agreement']['f16']} q8_0 {metrics['agreement']['q8_0']}, "
+          f"accuracy q8_0 {metrics['accuracy']['q8_0']} -> {args.metrics}")
+
+
+if __name__ == "__main__":
+    main()
