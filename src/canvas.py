@@ -15,6 +15,7 @@ bitmap (premultiplied source-over). eval_parity's canvas rung measures how far
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -41,33 +42,86 @@ def fit_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
-    """16-bit grey (I;16 / I) -> 8-bit L by the top byte; PIL's convert would clip instead."""
+    """16-bit grey (I;16 / I) -> 8-bit L by the top byte, as 16-bit PNGs decode to 8888 on Android.
+
+    PIL's own convert would clip at 255 (nearly all white) instead of scaling.
+    A tRNS colour key on the 16-bit image becomes an alpha channel here: the key
+    is compared at full depth, before the low byte is dropped.
+    """
     arr = np.asarray(img, dtype=np.uint32)
-    return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
+    grey = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        return Image.merge("LA", (grey, Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), "L")))
+    return grey
+
+
+def _head(data: bytes) -> str:
+    """The first bytes, for a reason that shows what was served instead of an image."""
+    return repr(data[:24])
+
+
+def _clean(e: BaseException) -> str:
+    """An exception's message without object addresses: reasons must be the same on every run."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(e))
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    # A tRNS colour key (P, L or RGB PNG, GIF) is transparency too: libpng and Skia expand it to alpha.
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
 
 
 def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
-    """File bytes -> RGB, or RGBA when the photo carries transparency."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises several types for "not an image"
-        raise BadImage(f"not a decodable image: {e}") from None
-    if img.width * img.height > spec.max_pixels:
-        raise BadImage(f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds max_pixels {spec.max_pixels}")
+    """File bytes -> RGB, or RGBA when the photo carries transparency; else `BadImage(reason)`.
+
+    What the app's BitmapFactory does, step by step: identify by content (never
+    by extension), refuse more than `spec.max_pixels` before decoding any pixel,
+    decode the first frame only (animated GIF / WebP / APNG, multi-page TIFF),
+    rotate by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey
+    to 8-bit RGB(A). Every reason starts with a short class word (`not an image`,
+    `empty file`, `too many pixels`, `truncated or corrupt`, `bad EXIF`,
+    `unsupported mode`) so records can be counted by cause.
+    """
+    if not data:
+        raise BadImage("empty file: 0 bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # We enforce spec.max_pixels ourselves, below, with a precise reason.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # past PIL's hard limit (2 x MAX_IMAGE_PIXELS)
+        raise BadImage(f"too many pixels: {e} (max_pixels {spec.max_pixels})") from None
+    except Exception as e:  # PIL raises several types for "not an image"
+        raise BadImage(f"not an image: {type(e).__name__}: {_clean(e)}; {len(data)} bytes starting {_head(data)}") from None
+    fmt = img.format or "image"
+    if img.width * img.height > spec.max_pixels:
+        raise BadImage(f"too many pixels: {fmt} {img.width}x{img.height} = {img.width * img.height} pixels "
+                       f"exceeds max_pixels {spec.max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.seek(0)  # animated: the first frame, as BitmapFactory decodes it
             img.load()
     except Exception as e:
-        raise BadImage(f"{img.format or 'image'} is truncated or corrupt: {e}") from None
+        raise BadImage(f"truncated or corrupt {fmt}: {type(e).__name__}: {e}") from None
     if spec.exif == "apply":
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:
+            raise BadImage(f"bad EXIF orientation in {fmt}: {type(e).__name__}: {e}") from None
+    if img.mode in _SIXTEEN_BIT:
         img = _sixteen_bit_to_8(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
-    return img.convert("RGBA" if has_alpha else "RGB")
+    # CMYK -> RGB is PIL's (255-C)(255-K)/255, the same naive formula Skia uses without an ICC profile.
+    target = "RGBA" if _has_alpha(img) else "RGB"
+    try:
+        return img.convert(target)
+    except Exception as e:  # e.g. LAB, HSV: modes PIL cannot bring to RGB
+        raise BadImage(f"unsupported mode: {fmt} in mode {img.mode} cannot become {target}: {e}") from None
 
 
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}

@@ -1,50 +1,298 @@
 """download: fetch the source photos, as they are, into a content-addressed store.
 
-Inputs:  the source named in params (the embedded demo needs nothing).
-Outputs: OUT/images/<sha256>.<ext> and OUT/manifest.jsonl, one record per item:
-         id, url, status, error, sha256, path, width, height, format, label, source, licence.
-Params:  download.source, download.demo.n, download.demo.seed, download.max_failure_rate,
-         contract.labels
+Inputs:  the source named in params (src/sources.py: demo, a CSV/JSONL URL manifest, a
+         local folder, a Hugging Face dataset); the embedded demo needs no network.
+Outputs: OUT/images/<sha256>.<ext> (each distinct content once) and OUT/manifest.jsonl, one
+         record per item in source order: id, url, status ("ok"|"failed"), error, error_kind,
+         sha256, path, bytes, width, height, format, label, source, licence, duplicate_of;
+         METRICS: counts (items, ok, failed, duplicates, failure_rate, errors by kind, formats).
+Params:  download.source, download.demo.*, download.manifest.path, download.folder.*,
+         download.hf.*, download.http.*, download.max_failure_rate, contract.labels
 Command: python -m src.download data/download metrics/download.json
+
+Remote items are fetched over http/https only (other schemes are refused, also as a
+redirect target), by a bounded thread pool, with a total timeout per attempt, retries
+with exponential backoff on transient errors (timeouts, connection errors, 408/425/429/5xx)
+and a byte cap. Content is judged by decoding its header, never by extension or
+Content-Type. Every result is appended to OUT/journal.jsonl (fsynced) as it lands, so a
+killed run resumes: ok remote items whose file is stored are never fetched again. The
+manifest is written atomically at the end, then the journal and unreferenced files are
+removed, so a resumed run leaves the same bytes as an uninterrupted one. The stage exits
+non-zero when the failure rate exceeds download.max_failure_rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import logging
-from collections.abc import Iterator
+import threading
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
+import requests
+import urllib3
 from PIL import Image
 from tqdm import tqdm
 
-from src import demo
 from src.contract import labels_of
 from src.params import stage_params
-from src.records import sha256, write_bytes_atomic, write_json, write_jsonl
+from src.records import append_jsonl, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.sources import Item, items_from_params
 
-log = logging.getLogger("download")
-EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
+SCHEMES = ("http", "https")
+MAX_REDIRECTS = 5
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+JOURNAL = "journal.jsonl"
+MANIFEST = "manifest.jsonl"
 
 
-def store(out: Path, item_id: str, url: str, data: bytes, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write `data` under its sha256 and return its manifest record."""
+@dataclass(frozen=True)
+class HttpConfig:
+    workers: int
+    timeout_s: float  # per attempt, whole response: a slow-dripping host cannot hold a worker forever
+    retries: int
+    backoff_s: float
+    max_bytes: int
+    user_agent: str
+
+
+class FetchError(Exception):
+    """A failed item: `kind` groups it in the metrics, the message names the cause."""
+
+    def __init__(self, kind: str, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.kind, self.transient = kind, transient
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost OS-level cause, without object addresses (messages must be reproducible)."""
+    seen = e
+    while True:
+        nxt = seen.__cause__ or seen.__context__ or next((a for a in seen.args if isinstance(a, BaseException)), None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    if isinstance(seen, OSError) and seen.strerror:
+        return f"{type(seen).__name__}: {seen.strerror}"
+    return type(seen).__name__
+
+
+def check_scheme(url: str, via: str | None = None) -> None:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        how = f"redirect from {via} to" if via else "url"
+        raise FetchError("scheme", f"refused {how} {url!r}: scheme {scheme or '(none)'!r} is not http or https")
+
+
+_local = threading.local()
+
+
+def _session(cfg: HttpConfig) -> requests.Session:
+    """One Session per worker thread (Sessions are not thread-safe), reusing connections per host."""
+    if getattr(_local, "session", None) is None:
+        s = requests.Session()
+        s.headers["User-Agent"] = cfg.user_agent
+        s.max_redirects = MAX_REDIRECTS
+        _local.session = s
+    return _local.session
+
+
+def _get_once(url: str, cfg: HttpConfig) -> bytes:
+    """One attempt: follow redirects by hand (each hop's scheme is checked), stream under the caps."""
+    deadline = time.monotonic() + cfg.timeout_s
+    via = None
+    for _ in range(MAX_REDIRECTS + 1):
+        check_scheme(url, via)
+        try:
+            with _session(cfg).get(url, stream=True, allow_redirects=False, timeout=(cfg.timeout_s, cfg.timeout_s)) as r:
+                if r.is_redirect:
+                    via, url = url, urljoin(url, r.headers["location"])
+                    continue
+                if r.status_code >= 400:
+                    raise FetchError(f"http_{r.status_code}", f"HTTP {r.status_code} {r.reason}",
+                                     transient=r.status_code in RETRY_STATUS)
+                declared = r.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > cfg.max_bytes:
+                    raise FetchError("too_large", f"Content-Length {declared} exceeds max_bytes {cfg.max_bytes}")
+                buf = bytearray()
+                while True:
+                    # read1 returns what has arrived, so the deadline holds against a host dripping bytes.
+                    chunk = r.raw.read1(65536, decode_content=True)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > cfg.max_bytes:
+                        raise FetchError("too_large", f"body exceeds max_bytes {cfg.max_bytes} (stopped reading)")
+                    if time.monotonic() > deadline:
+                        raise FetchError("timeout", f"slow host: body not complete within {cfg.timeout_s:g} s", transient=True)
+                return bytes(buf)
+        except FetchError:
+            raise
+        except urllib3.exceptions.ReadTimeoutError:  # raised by r.raw while streaming the body
+            raise FetchError("timeout", f"read timeout: host stalled for {cfg.timeout_s:g} s mid-body", transient=True) from None
+        except urllib3.exceptions.ProtocolError as e:  # e.g. closed before Content-Length bytes arrived
+            raise FetchError("connection", f"connection broken mid-body: {_root_cause(e)}", transient=True) from None
+        except requests.Timeout as e:
+            what = "connect" if isinstance(e, requests.ConnectTimeout) else "read"
+            raise FetchError("timeout", f"{what} timeout: no data within {cfg.timeout_s:g} s", transient=True) from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+            # urllib3 wraps read timeouts during streaming as connection errors; name them as timeouts.
+            if "timed out" in str(e).lower():
+                raise FetchError("timeout", f"read timeout: no data within {cfg.timeout_s:g} s", transient=True) from None
+            raise FetchError("connection", f"connection failed: {_root_cause(e)}", transient=True) from None
+        except requests.RequestException as e:
+            raise FetchError("request", f"bad request: {type(e).__name__}: {_root_cause(e)}") from None
+    raise FetchError("redirect", f"more than {MAX_REDIRECTS} redirects")
+
+
+def fetch(url: str, cfg: HttpConfig) -> bytes:
+    """`url`'s body, retrying transient failures with exponential backoff; else FetchError."""
+    for attempt in range(cfg.retries + 1):
+        try:
+            return _get_once(url, cfg)
+        except FetchError as e:
+            if not e.transient or attempt == cfg.retries:
+                if e.transient:
+                    raise FetchError(e.kind, f"{e} (after {attempt + 1} attempts)", transient=True) from None
+                raise
+            time.sleep(cfg.backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def identify(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) by decoding the header; an HTML error page or junk is FetchError."""
+    if not data:
+        raise FetchError("not_image", "empty body: 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # resize256 applies the contract's cap
+            with Image.open(io.BytesIO(data)) as img:
+                return img.format or "unknown", img.width, img.height
+    except Image.DecompressionBombError as e:
+        raise FetchError("too_many_pixels", f"too many pixels: {e}") from None
+    except Exception as e:  # PIL raises several types for "not an image"
+        raise FetchError("not_image", f"not an image: {len(data)} bytes starting {data[:24]!r} ({type(e).__name__})") from None
+
+
+def store(out: Path, data: bytes) -> dict[str, Any]:
+    """Write `data` under its sha256 (atomically, once) and return the content fields of its record."""
+    fmt, w, h = identify(data)
     digest = sha256(data)
-    with Image.open(io.BytesIO(data)) as img:
-        fmt, (w, h) = img.format or "unknown", img.size
     rel = f"images/{digest}.{EXT.get(fmt, 'bin')}"
     if not (out / rel).exists():
         write_bytes_atomic(out / rel, data)
-    return {"id": item_id, "url": url, "status": "ok", "error": None, "sha256": digest, "path": rel,
-            "width": w, "height": h, "format": fmt, **extra}
+    return {"sha256": digest, "path": rel, "bytes": len(data), "width": w, "height": h, "format": fmt}
 
 
-def demo_items(n: int, seed: int, labels: tuple[str, ...]) -> Iterator[tuple[str, str, bytes, dict[str, Any]]]:
-    for i in range(n):
-        p = demo.photo(i, labels, seed)
-        yield p.id, f"demo:{p.id}", p.data, {"label": p.label, "source": "demo", "licence": "CC0-1.0 (generated)"}
+def _record(item: Item, **fields: Any) -> dict[str, Any]:
+    base = {"id": item.id, "url": item.url, "label": item.label, "source": item.source, "licence": item.licence,
+            "status": "ok", "error": None, "error_kind": None, "sha256": None, "path": None, "bytes": None,
+            "width": None, "height": None, "format": None, "duplicate_of": None}
+    return {**base, **fields}
+
+
+def get_item(item: Item, out: Path, cfg: HttpConfig) -> dict[str, Any]:
+    """Fetch or read one item and store it; never raises for a bad item, returns a failed record."""
+    try:
+        data = item.load() if item.load is not None else fetch(item.url, cfg)
+        return _record(item, **store(out, data))
+    except FetchError as e:
+        return _record(item, status="failed", error=f"{item.url}: {e}", error_kind=e.kind)
+    except OSError as e:  # local sources: unreadable file
+        return _record(item, status="failed", error=f"{item.url}: cannot read: {_root_cause(e)}", error_kind="read")
+
+
+def resumable(row: dict[str, Any], item: Item, out: Path) -> bool:
+    """A stored remote item from an earlier (possibly killed) run: same url, ok, file present.
+
+    Local items are read again (cheap, and their content may have changed under the same path).
+    """
+    return (item.load is None and row.get("url") == item.url and row.get("status") == "ok"
+            and bool(row.get("path")) and (out / row["path"]).exists())
+
+
+def mark_duplicates(records: list[dict[str, Any]]) -> None:
+    """The first item (in source order) with a given content is canonical; later ones point to it."""
+    first: dict[str, str] = {}
+    for r in records:
+        if r["status"] == "ok":
+            r["duplicate_of"] = first.get(r["sha256"])
+            first.setdefault(r["sha256"], r["id"])
+
+
+def prune(out: Path, keep: set[str]) -> None:
+    """Remove temp files of killed writes and images no record names: the store equals the manifest."""
+    images = out / "images"
+    if images.is_dir():
+        for p in images.iterdir():
+            if f"images/{p.name}" not in keep:
+                p.unlink()
+    for p in out.glob(".*.tmp"):
+        p.unlink()
+    (out / JOURNAL).unlink(missing_ok=True)
+
+
+def summarize(records: list[dict[str, Any]], max_failure_rate: float) -> dict[str, Any]:
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = len(records) - len(ok)
+    return {"items": len(records), "ok": len(ok), "failed": failed,
+            "duplicates": sum(r["duplicate_of"] is not None for r in ok),
+            "failure_rate": round(failed / len(records), 6) if records else 1.0,
+            "max_failure_rate": max_failure_rate,
+            "bytes": sum(r["bytes"] for r in ok if r["duplicate_of"] is None),
+            "errors": dict(sorted(Counter(r["error_kind"] for r in records if r["status"] != "ok").items())),
+            "formats": dict(sorted(Counter(r["format"] for r in ok).items()))}
+
+
+def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failure_rate: float) -> dict[str, Any]:
+    """Fetch what is missing, write manifest + metrics; raise SystemExit above the failure gate."""
+    if not items:
+        raise SystemExit("download: the source lists no items")
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = {r["id"]: r for r in [*read_jsonl(out / MANIFEST), *read_jsonl(out / JOURNAL)]}
+    done: dict[str, dict[str, Any]] = {}
+    for it in items:
+        row = earlier.get(it.id)
+        if row is not None and resumable(row, it, out):
+            done[it.id] = _record(it, **{k: row[k] for k in ("sha256", "path", "bytes", "width", "height", "format")})
+    todo = [it for it in items if it.id not in done]
+    # The same url listed twice is fetched once.
+    by_url: dict[str, list[Item]] = {}
+    for it in todo:
+        by_url.setdefault(it.url if it.load is None else f"{it.id}\0{it.url}", []).append(it)
+    pool = ThreadPoolExecutor(max(1, cfg.workers))
+    try:
+        futures = {pool.submit(get_item, group[0], out, cfg): group for group in by_url.values()}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="download", unit="item"):
+            first = fut.result()
+            for it in futures[fut]:
+                row = {**first, "id": it.id, "label": it.label, "source": it.source, "licence": it.licence}
+                append_jsonl(out / JOURNAL, row)  # fsynced: survives SIGKILL
+                done[it.id] = row
+    finally:
+        # On Ctrl-C, drop the queue instead of fetching it all first; the journal keeps what landed.
+        pool.shutdown(wait=True, cancel_futures=True)
+    records = [done[it.id] for it in items]
+    mark_duplicates(records)
+    write_jsonl(out / MANIFEST, records)
+    prune(out, {r["path"] for r in records if r["path"]})
+    summary = summarize(records, max_failure_rate)
+    write_json(metrics, summary)
+    print(f"download: {summary['ok']} ok ({summary['duplicates']} duplicates), {summary['failed']} failed, "
+          f"{len(items) - len(todo)} resumed from an earlier run -> {out / MANIFEST}, {metrics}")
+    if summary["failure_rate"] > max_failure_rate:
+        worst = ", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items(), key=lambda kv: -kv[1]))
+        raise SystemExit(f"download: failure rate {summary['failure_rate']:.1%} ({summary['failed']}/{summary['items']}) "
+                         f"exceeds download.max_failure_rate {max_failure_rate:.1%}; errors: {worst}; "
+                         f"per-item causes in {out / MANIFEST}")
+    return summary
 
 
 def main() -> None:
@@ -54,14 +302,8 @@ def main() -> None:
     args = ap.parse_args()
     p = stage_params("download")
     d = p["download"]
-    if d["source"] != "demo":
-        raise SystemExit(f"download.source={d['source']!r}: unknown source (known: demo)")
-    items = demo_items(d["demo"]["n"], d["demo"]["seed"], labels_of(p["contract"]))
-    rows = [store(args.out, i, url, data, extra) for i, url, data, extra in tqdm(items, total=d["demo"]["n"], desc="download")]
-    write_jsonl(args.out / "manifest.jsonl", rows)
-    failed = sum(r["status"] != "ok" for r in rows)
-    write_json(args.metrics, {"items": len(rows), "ok": len(rows) - failed, "failed": failed})
-    print(f"download: {len(rows) - failed} ok, {failed} failed -> {args.out}/manifest.jsonl")
+    items = items_from_params(d, labels_of(p["contract"]))
+    run(items, args.out, args.metrics, HttpConfig(**d["http"]), d["max_failure_rate"])
 
 
 if __name__ == "__main__":

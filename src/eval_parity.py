@@ -154,7 +154,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             if expand(layout, image_token_id) != hf_ids:
                 offenders["layout"].append(r["id"])
             hf_logits = vlm.first_logits(model, inputs).numpy()
-            text, _, stopped = vlm.generate(model, processor, inputs, gen.max_new_tokens)
+            text, _, stopped = vlm.generate(model, processor, inputs, gen)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
             row.probs["hf"] = softmax(hf_logits[label_ids]).tolist()
             for side, v in (("f16", vf16), ("q8_0", vq8)):

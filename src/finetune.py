@@ -4,10 +4,12 @@ Inputs:  SPLIT/{train,val}.jsonl and the canvases under RESIZE256.
 Outputs: OUT/ a merged safetensors checkpoint with processor and tokenizer, configured by the
          contract (geometry, EOS, text architecture) for conversion; METRICS (val accuracy,
          val loss, samples/s, epochs); LIVE/ DVCLive logs for `dvc plots`.
-         CKPT/ (persist) holds the last epoch, so a killed run resumes where it stopped.
+         CKPT/ (scratch outside DVC's outputs) holds the last epoch, so a killed run resumes where it
+         stopped; it is keyed by a fingerprint of params and data and ignored when they differ.
 Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, contract.vision.*
 Command: python -m src.finetune data/split data/resize256 models/finetune metrics/finetune.json \
-             metrics/finetune_live models/finetune_ckpt
+             metrics/finetune_live .cache/finetune_ckpt
+         accelerate launch --num_processes N -m src.finetune ...   (the same script on N GPUs)
 
 LoRA adapts the language model; the modules in finetune.train_full train fully:
 the connector, and the final norm, which lets a small model's answers become
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+from accelerate import Accelerator
+from dvclive import Live
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -35,6 +39,22 @@ from src import vlm
 from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_text_atomic
+
+
+class NullLive:
+    """Stands in for DVCLive on processes other than the main one."""
+
+    def __enter__(self) -> NullLive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def log_metric(self, name: str, value: float) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
 
 
 @dataclass
@@ -60,13 +80,18 @@ def base_model(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> 
     return model, processor
 
 
-def lora(model: Any, ft: dict[str, Any]) -> Any:
+def lora(model: Any, ft: dict[str, Any], answer_ids: list[int]) -> Any:
+    """LoRA on the language model; `train_full` modules and the answer tokens' embedding rows train fully.
+
+    Training the label and EOS rows of the (tied) embedding lets even a small randomly initialised
+    model make its answers confident, so greedy decoding and Q8_0 rounding agree on them.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = "|".join(ft["lora"]["targets"])
-    save = list(ft["train_full"])
     config = LoraConfig(r=ft["lora"]["r"], lora_alpha=ft["lora"]["alpha"], lora_dropout=ft["lora"]["dropout"],
-                        target_modules=rf".*text_model.*\.({targets})", modules_to_save=save)
+                        target_modules=rf".*text_model.*\.({targets})", modules_to_save=list(ft["train_full"]),
+                        trainable_token_indices={"embed_tokens": answer_ids} if ft["train_answer_tokens"] else None)
     return get_peft_model(model, config)
 
 
@@ -82,14 +107,14 @@ def load_examples(rows: list[dict[str, Any]], canvases: Path, processor: Any, pr
 
 def batch_loss(model: Any, batch: list[Example], pad_id: int, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over answer tokens, first-answer-position logits) for a batch."""
-    b = vlm.collate([e.tensors for e in batch], pad_id)
+    b = {k: v.to(model.device) for k, v in vlm.collate([e.tensors for e in batch], pad_id).items()}
     text = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
     if cached:
-        out = vlm.forward_from_hidden(model, torch.stack([e.hidden for e in batch]), **text)
+        out = vlm.forward_from_hidden(model, torch.stack([e.hidden for e in batch]).to(model.device), **text)
     else:
         out = model(pixel_values=b["pixel_values"], pixel_attention_mask=b["pixel_attention_mask"], **text)
     first = (b["labels"] != -100).int().argmax(dim=1) - 1  # position that predicts the label token
-    return out.loss, out.logits[torch.arange(len(batch)), first]
+    return out.loss, out.logits[torch.arange(len(batch)), first].cpu()
 
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, cached: bool, label_ids: list[int],
@@ -157,9 +182,13 @@ def main() -> None:
     ft, c = p["finetune"], p["contract"]
     prompt, labels, target, vision = PromptSpec(**c["prompt"]), labels_of(c), TargetSpec(**c["target"]), VisionSpec(**c["vision"])
     torch.manual_seed(ft["seed"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One script for one CPU, one GPU or `accelerate launch` on several: each process takes its share
+    # of every batch and gradients are averaged across processes (a no-op for one).
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = acc.is_main_process
 
     model, processor = base_model(ft["base"], vision, target)
+    model.to(acc.device)
     label_ids = vlm.label_token_ids(processor.tokenizer, labels, target)
     train_rows, val_rows = read_jsonl(args.split / "train.jsonl"), read_jsonl(args.split / "val.jsonl")
     train = load_examples(train_rows, args.canvases, processor, prompt, labels, target, "train")
@@ -170,11 +199,14 @@ def main() -> None:
     if cached:
         with torch.no_grad():
             for e in tqdm(train + val, desc="feature cache"):
-                e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None], e.tensors["pixel_attention_mask"][None])[0]
+                e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None].to(acc.device),
+                                             e.tensors["pixel_attention_mask"][None].to(acc.device))[0]
 
-    peft_model = lora(model, ft)
+    eos_id = processor.tokenizer.convert_tokens_to_ids(target.eos)
+    peft_model = lora(model, ft, label_ids + [eos_id])
     net = peft_model.get_base_model()  # LoRA layers are injected in place; call the model directly
-    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=ft["lr"], weight_decay=0.0)
+    params = [q for q in net.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
     fp = fingerprint(p, train_rows + val_rows)
     resumed = load_checkpoint(args.ckpt, net, opt, fp)
     best, state = resumed if resumed else (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
@@ -182,10 +214,9 @@ def main() -> None:
     if resumed:
         print(f"finetune: resuming after epoch {state['epoch']} from {args.ckpt}")
 
-    from dvclive import Live
-
-    shutil.rmtree(args.live, ignore_errors=True)
-    with Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    if main_process:
+        shutil.rmtree(args.live, ignore_errors=True)
+    with (Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) if main_process else NullLive()) as live:
         for h in state["history"]:  # replay a resumed run's epochs, so the logs are whole
             for k in ("train_loss", "val_loss", "val_acc"):
                 live.log_metric(k, h[k])
@@ -198,9 +229,13 @@ def main() -> None:
             t0, losses = time.perf_counter(), []
             for i in tqdm(range(0, len(order), ft["batch_size"]), desc=f"epoch {epoch}/{ft['epochs']}"):
                 batch = [train[j] for j in order[i:i + ft["batch_size"]]]
-                loss, _ = batch_loss(net, batch, pad_id, cached)
+                share = batch[acc.process_index::acc.num_processes] or batch[:1]
+                loss, _ = batch_loss(net, share, pad_id, cached)
                 opt.zero_grad()
                 loss.backward()
+                if acc.num_processes > 1:
+                    for q in params:
+                        q.grad = acc.reduce(q.grad, reduction="mean")
                 opt.step()
                 losses.append(float(loss) * len(batch))
             train_time += time.perf_counter() - t0
@@ -216,11 +251,14 @@ def main() -> None:
                 state["best"], best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, trainable(net)
             state["epoch"] = epoch
             state["samples_per_s"] = train_seen / train_time
-            save_checkpoint(args.ckpt, net, opt, best, state)
+            if main_process:
+                save_checkpoint(args.ckpt, net, opt, best, state)
             print(f"epoch {epoch}: train_loss {h['train_loss']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
 
+    if not main_process:
+        return
     net.load_state_dict(best, strict=False)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload().to("cpu")
     shutil.rmtree(args.out, ignore_errors=True)
     vlm.save(merged, processor, args.out)
     write_json(args.metrics, {"val_acc": state["best"]["val_acc"], "val_loss": state["best"]["val_loss"],

@@ -149,8 +149,12 @@ class LlamaVLM:
         self._prefill(prompt, canvas)
         return self._logits()
 
-    def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec) -> Answer:
-        """Decode as the app does. Only greedy is implemented, so the contract must say greedy."""
+    def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec, grammar: str | None = None) -> Answer:
+        """Decode as the app does. Only greedy is implemented, so the contract must say greedy.
+
+        `grammar` (GBNF text, see src/grammar.py) constrains every step to what it admits, with
+        llama.cpp's grammar sampler; None (the default) decodes unconstrained.
+        """
         if not gen.greedy:
             raise ValueError(f"only greedy decoding is reproducible for parity; contract.generation={gen}")
         n_past = self._prefill(prompt, canvas)
@@ -158,16 +162,25 @@ class LlamaVLM:
         vocab = self.llm._model.vocab
         tokens: list[int] = []
         stopped = False
+        constraint = None
+        if grammar is not None:
+            from src.grammar import Constraint  # only constrained decoding needs it
+
+            constraint = Constraint(vocab, grammar, self.llm.n_vocab())
         for _ in range(gen.max_new_tokens):
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(logits if constraint is None else constraint.mask(logits)))
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 stopped = True
                 break
+            if constraint is not None:
+                constraint.accept(tok)
             tokens.append(tok)
             batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(tok), 1)
             if llama_cpp.llama_decode(self.llm._ctx.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
             n_past += 1
             logits = self._logits()
+        if constraint is not None:
+            constraint.close()
         text = self.llm.detokenize(tokens, special=False).decode("utf-8", errors="replace")
         return Answer(text=text, tokens=tuple(tokens), first_logits=first, stopped=stopped)

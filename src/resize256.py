@@ -1,16 +1,30 @@
 """resize256: draw every downloaded photo on the contract's canvas, losslessly.
 
-Inputs:  DOWNLOAD/manifest.jsonl and the images it names.
-Outputs: OUT/canvases/<canvas sha256>.png and OUT/records.jsonl, one record per input,
-         ok (canvas, canvas_sha256) or rejected (reason); inputs = written + rejected.
-Params:  contract.canvas.*, resize256.workers
+Inputs:  DOWNLOAD/manifest.jsonl (rows with status "ok") and the images it names.
+Outputs: OUT/canvases/<canvas sha256>.png, OUT/records.jsonl (one record per input, in
+         manifest order: id, url, sha256, label, status "ok"|"rejected", reason, canvas,
+         canvas_sha256) and OUT/summary.json (inputs = written + rejected, rejections by cause).
+Params:  contract.canvas.*, resize256.workers (processes; 0 = one per core)
 Command: python -m src.resize256 data/download data/resize256
+
+The canvas is `src.canvas`: `decode` then `to_canvas`, PNG-encoded by `canvas_png`, so
+every byte is a function of the input bytes and the contract. A bad file (not an image,
+truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
+input) becomes a rejected record whose reason starts with its cause; it never stops the
+stage. Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a
+killed run, rerun, renders only what the journal lacks. The journal and any file no
+record names are removed at the end: a resumed run leaves the same bytes as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +33,15 @@ from tqdm import tqdm
 from src.canvas import BadImage, canvas_png, decode, to_canvas
 from src.contract import CanvasSpec
 from src.params import stage_params
-from src.records import read_jsonl, sha256, write_bytes_atomic, write_jsonl
+from src.records import append_jsonl, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+
+JOURNAL = "journal.jsonl"
+RESULT_KEYS = ("status", "reason", "canvas", "canvas_sha256")
+
+
+def spec_key(spec: CanvasSpec) -> str:
+    """Journal entries are only reused under the same canvas contract."""
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def render(data: bytes, spec: CanvasSpec) -> bytes:
@@ -27,18 +49,97 @@ def render(data: bytes, spec: CanvasSpec) -> bytes:
     return canvas_png(to_canvas(decode(data, spec), spec))
 
 
-def resize_one(task: tuple[dict[str, Any], Path, Path, CanvasSpec]) -> dict[str, Any]:
-    row, src_dir, out, spec = task
-    base = {k: row.get(k) for k in ("id", "url", "sha256", "label")}
+def _rejected(reason: str) -> dict[str, Any]:
+    return {"status": "rejected", "reason": reason, "canvas": None, "canvas_sha256": None}
+
+
+def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
+    """One input file -> its result fields; every failure is a rejection with a reason, never a raise."""
+    path, expected_sha, out, spec = task
     try:
-        png = render((src_dir / row["path"]).read_bytes(), spec)
-    except (BadImage, OSError) as e:
-        return {**base, "status": "rejected", "reason": str(e), "canvas": None, "canvas_sha256": None}
+        data = path.read_bytes()
+    except OSError as e:
+        return _rejected(f"missing input: cannot read {path.name}: {e.strerror or type(e).__name__}")
+    if sha256(data) != expected_sha:
+        return _rejected(f"corrupt input: {path.name} does not match the manifest's sha256")
+    try:
+        png = render(data, spec)
+    except BadImage as e:
+        return _rejected(str(e))
+    except Exception as e:  # a codec bug must not take the stage down; counted under its own cause
+        return _rejected(f"unexpected error: {type(e).__name__}: {e}")
     digest = sha256(png)
     rel = f"canvases/{digest}.png"
-    if not (out / rel).exists():
+    if not (out / rel).exists():  # content-addressed: an existing file already holds these bytes
         write_bytes_atomic(out / rel, png)
-    return {**base, "status": "ok", "reason": None, "canvas": rel, "canvas_sha256": digest}
+    return {"status": "ok", "reason": None, "canvas": rel, "canvas_sha256": digest}
+
+
+def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
+    """Results journaled by an earlier run under the same contract whose canvas is still there."""
+    done = {}
+    for r in read_jsonl(out / JOURNAL):
+        if r.get("spec") == key and (r["canvas"] is None or (out / r["canvas"]).exists()):
+            done[r["sha256"]] = {k: r[k] for k in RESULT_KEYS}
+    return done
+
+
+def prune(out: Path, keep: set[str]) -> None:
+    """Remove temp files of killed writes and canvases no record names, then the journal."""
+    canvases = out / "canvases"
+    if canvases.is_dir():
+        for p in canvases.iterdir():
+            if f"canvases/{p.name}" not in keep:
+                p.unlink()
+    for p in out.glob(".*.tmp"):
+        p.unlink()
+    (out / JOURNAL).unlink(missing_ok=True)
+
+
+def reason_class(reason: str) -> str:
+    """`too many pixels: ...` -> `too many pixels` (every reason starts with its cause)."""
+    return reason.split(":", 1)[0]
+
+
+def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, Any]:
+    """Render every ok manifest row; write records.jsonl and summary.json; return the summary."""
+    rows = [r for r in read_jsonl(download / "manifest.jsonl") if r["status"] == "ok"]
+    out.mkdir(parents=True, exist_ok=True)
+    key = spec_key(spec)
+    results = _resume(out, key)
+    first: dict[str, str] = {}  # sha256 -> id of its first input: later ones are duplicates
+    paths: dict[str, Path] = {}
+    for r in rows:
+        first.setdefault(r["sha256"], r["id"])
+        paths.setdefault(r["sha256"], download / r["path"])
+    todo = [s for s in paths if s not in results]
+    resumed = len(paths) - len(todo)
+    tasks = [(paths[s], s, out, spec) for s in todo]
+    with ProcessPoolExecutor(workers if workers > 0 else None) as pool:  # 0: one per core
+        for s, res in tqdm(zip(todo, pool.map(resize_one, tasks, chunksize=4)), total=len(tasks), desc="resize256", unit="img"):
+            append_jsonl(out / JOURNAL, {"sha256": s, "spec": key, **res})  # fsynced: survives SIGKILL
+            results[s] = res
+    records = []
+    for r in rows:
+        base = {k: r.get(k) for k in ("id", "url", "sha256", "label")}
+        if first[r["sha256"]] != r["id"]:
+            # One content, one training example: a copy could land in train and test at once.
+            res = _rejected(f"duplicate: same content as {first[r['sha256']]} (sha256 {r['sha256'][:12]})")
+        else:
+            res = results[r["sha256"]]
+        records.append({**base, **res})
+    write_jsonl(out / "records.jsonl", records)
+    prune(out, {r["canvas"] for r in records if r["canvas"]})
+    rejected = [r for r in records if r["status"] != "ok"]
+    summary = {"inputs": len(rows), "written": len(records) - len(rejected), "rejected": len(rejected),
+               "canvases": len({r["canvas"] for r in records if r["canvas"]}),
+               "rejected_by": dict(sorted(Counter(reason_class(r["reason"]) for r in rejected).items()))}
+    if summary["inputs"] != summary["written"] + summary["rejected"]:
+        raise AssertionError(f"resize256: counts do not reconcile: {summary}")
+    write_json(out / "summary.json", summary)
+    print(f"resize256: {summary['inputs']} inputs = {summary['written']} written + {summary['rejected']} rejected "
+          f"{summary['rejected_by']}; {resumed} resumed -> {out}/records.jsonl, {out}/canvases/")
+    return summary
 
 
 def main() -> None:
@@ -47,14 +148,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
     p = stage_params("resize256")
-    spec = CanvasSpec(**p["contract"]["canvas"])
-    rows = [r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"]
-    tasks = [(r, args.download, args.out, spec) for r in rows]
-    with ProcessPoolExecutor(p["resize256"]["workers"] or None) as pool:
-        records = list(tqdm(pool.map(resize_one, tasks, chunksize=8), total=len(tasks), desc="resize256"))
-    write_jsonl(args.out / "records.jsonl", records)
-    rejected = sum(r["status"] != "ok" for r in records)
-    print(f"resize256: {len(records) - rejected} canvases, {rejected} rejected -> {args.out}/records.jsonl")
+    run(args.download, args.out, CanvasSpec(**p["contract"]["canvas"]), p["resize256"]["workers"])
 
 
 if __name__ == "__main__":

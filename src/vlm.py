@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from src.contract import PromptSpec, TargetSpec, VisionSpec
+from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
 IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [
@@ -183,10 +183,12 @@ def first_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tor
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, processor: Idefics3Processor, inputs: dict[str, torch.Tensor],
-             max_new_tokens: int) -> tuple[str, list[int], bool]:
-    """Greedy decoding as the contract says; returns (text, new token ids, stopped at EOS)."""
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, num_beams=1,
-                         repetition_penalty=1.0, pad_token_id=processor.tokenizer.pad_token_id)
+             gen: GenerationSpec) -> tuple[str, list[int], bool]:
+    """Decoding as the contract says; returns (text, new token ids, stopped at EOS)."""
+    if not gen.greedy:
+        raise ValueError(f"only greedy decoding is reproducible for parity; contract.generation={gen}")
+    out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=gen.max_new_tokens,
+                         repetition_penalty=gen.repeat_penalty, pad_token_id=processor.tokenizer.pad_token_id)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     eos = model.generation_config.eos_token_id
     stopped = bool(new) and new[-1] == eos

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>`; each prints its numbers, none is a test."""

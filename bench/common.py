@@ -1,0 +1,92 @@
+"""Shared pieces of `python -m bench.run`: the contract, demo canvases, timers, tables and sized models."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from PIL import Image
+from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
+
+from src import demo, vlm
+from src.canvas import decode, to_canvas
+from src.contract import Contract
+from src.params import ROOT
+
+# Big files (a 1 GB random SmolVLM-256M and its GGUFs) go here: gitignored, outside the tracked tree.
+CACHE = ROOT / ".cache" / "bench"
+OUT = ROOT / "bench" / "out"
+
+# SmolVLM-256M's geometry (issue 7): SigLIP-B/16 at 512 px, SmolLM2-135M-shaped text model.
+STOCK_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    patch_size=16, image_size=512)
+STOCK_TEXT = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3)
+STOCK_SCALE = 4
+STOCK_LONGEST_EDGE = 2048
+
+
+def params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def contract() -> Contract:
+    return Contract.from_dict(params()["contract"])
+
+
+def demo_canvases(n: int, c: Contract, seed: int = 7) -> list[tuple[Image.Image, str]]:
+    """(canvas, label) for n demo photos, drawn as the app draws them (the contract's canvas)."""
+    out = []
+    for i in range(n):
+        p = demo.photo(i, c.labels, seed)
+        out.append((to_canvas(decode(p.data, c.canvas), c.canvas).convert("RGB"), p.label))
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    res = fn()
+    return time.perf_counter() - t0, res
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median of `reps` timings after `warmup` untimed calls; the median resists the shared CPU's spikes."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn)[0] for _ in range(reps))
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; floats to 3 significant figures."""
+    def cell(x: Any) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_sized(vision: dict[str, Any], text: dict[str, Any], scale_factor: int, seed: int = 0) -> tuple[Any, Any]:
+    """A random SmolVLM of any size with the real SmolLM2 tokenizer (vlm.build fixes intermediate = 2 x hidden)."""
+    tok = vlm.smollm2_tokenizer()
+    t = dict(vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+             tie_word_embeddings=True, model_type="llama", bos_token_id=tok.bos_token_id,
+             pad_token_id=tok.pad_token_id, **text)
+    config = Idefics3Config(vision_config=dict(vision), text_config=t, scale_factor=scale_factor,
+                            image_token_id=tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN), tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(), tokenizer=tok, image_seq_len=1)
+    return model, processor
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)

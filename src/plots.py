@@ -1,0 +1,87 @@
+"""PNG plots a reviewer looks at instead of reading tables: confusion matrix, per-class accuracy, sample grid.
+
+Pure functions from data to PNG bytes (the release stage writes them atomically).
+They use matplotlib's object API with the Agg canvas, never pyplot's global
+state, and strip the `Software` metadata so the bytes depend on the data (and
+the matplotlib version) only.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+INVALID = "invalid"
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def confusion_counts(truth: list[str], pred: list[str], labels: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """(column names, counts[truth, predicted]); an `invalid` column only when some answer was invalid."""
+    cols = [*labels, INVALID] if any(p not in labels for p in pred) else list(labels)
+    m = np.zeros((len(labels), len(cols)), dtype=int)
+    for t, p in zip(truth, pred, strict=True):
+        m[labels.index(t), cols.index(p if p in labels else INVALID)] += 1
+    return cols, m
+
+
+def confusion_png(truth: list[str], pred: list[str], labels: tuple[str, ...], title: str) -> bytes:
+    cols, m = confusion_counts(truth, pred, labels)
+    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.2 + 0.8 * len(labels)), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=max(int(m.max()), 1))
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def per_class_accuracy(truth: list[str], pred: list[str], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{label: {n, correct, accuracy}} over the rows whose truth is that label."""
+    out = {}
+    for label in labels:
+        hits = [p == t for t, p in zip(truth, pred, strict=True) if t == label]
+        out[label] = {"n": len(hits), "correct": sum(hits), "accuracy": round(sum(hits) / len(hits), 4) if hits else 0.0}
+    return out
+
+
+def per_class_png(acc: dict[str, dict[str, float]], title: str) -> bytes:
+    labels = list(acc)
+    fig = Figure(figsize=(1.5 + 1.0 * len(labels), 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(labels, [acc[x]["accuracy"] for x in labels], color="tab:blue")
+    # n on each bar: 1.0 over 3 photos and 1.0 over 300 are different claims
+    ax.bar_label(bars, [f"{acc[x]['correct']}/{acc[x]['n']}" for x in labels])
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def sample_grid_png(tiles: list[tuple[Image.Image, str, str, str]], cols: int, title: str) -> bytes:
+    """Canvases with `id`, `truth -> predicted` under each; wrong answers in red."""
+    if not tiles:
+        raise ValueError("sample grid: no canvases")
+    rows = -(-len(tiles) // cols)
+    fig = Figure(figsize=(1.6 * cols, 1.85 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, ident, truth, pred) in zip(axes.flat, tiles):
+        ax.imshow(np.asarray(img.convert("RGB")))
+        ax.set_title(f"{ident}\n{truth} -> {pred}", fontsize=8, color="black" if truth == pred else "red")
+    fig.suptitle(title)
+    return _png(fig)

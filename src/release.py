@@ -1,0 +1,255 @@
+"""release: assemble the bundle the app ships, once the parity gates pass, with its model card and plots.
+
+Inputs:  QUANTIZE_Q8/text-q8_0.gguf, the mmproj in CONVERT_GGUF, SPLIT/*.jsonl (data counts),
+         RESIZE256 (test canvases for the sample grid), PARITY (eval_parity metrics: re-checked
+         against the gates), IMAGES (eval_parity's per-image answers), FINETUNE_METRICS.
+Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
+           model.gguf       the Q8_0 text GGUF          mmproj.gguf    the vision projector
+           contract.json    src/contract.py Contract    grammar.gbnf   exactly the labels (src/grammar.py)
+           model_card.json  metrics, base model, data counts, params, runtime, git and DVC hashes
+           model_card.md    the same for people
+         PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
+Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, finetune.base.* and the
+         training params the card reports, quantize_q8.ftype, release.grid.*
+Command: python -m src.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
+             metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
+             metrics/release
+
+Reproducibility: everything in the bundle is a function of the stage's deps and params, except
+the git commit in the card, which records what the bundle was built from. DVC does not rerun a
+stage whose deps are unchanged, so a new commit alone leaves `dvc status` clean. The DVC hashes
+are those `dvc.lock` records for this stage's deps (the upstream stages' outs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
+
+from src import plots
+from src.contract import Contract
+from src.convert_gguf import text_gguf, the_mmproj
+from src.grammar import gbnf
+from src.params import stage_params
+from src.records import read_jsonl, write_bytes_atomic, write_json, write_text_atomic
+
+# The bundle's file names: the app and src/reading.py open these, whatever the upstream names were.
+BUNDLE = {"model": "model.gguf", "mmproj": "mmproj.gguf", "contract": "contract.json", "grammar": "grammar.gbnf",
+          "card": "model_card.json", "card_md": "model_card.md"}
+PLOTS = {"confusion": "confusion.png", "per_class": "per_class_accuracy.png", "grid": "sample_grid.png"}
+SPLITS = ("train", "val", "test")
+CODE = ("src", "params.yaml", "dvc.yaml")  # what "dirty" is about: the code and config the bundle came from
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a (large) file so that `dst` exists whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_hashes(path: Path) -> dict[str, Any]:
+    """md5 (what DVC records for a file) and sha256 (what an app verifies a download with)."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+
+
+def answers(images_csv: str, labels: tuple[str, ...]) -> list[dict[str, str]]:
+    """eval_parity's rows as {id, canvas, truth, pred}; pred is the Q8_0 answer or `invalid`."""
+    rows = list(csv.DictReader(io.StringIO(images_csv)))
+    return [{"id": r["id"], "canvas": r["canvas"], "truth": r["truth"],
+             "pred": r["q8_0"] if r["q8_0"] in labels else plots.INVALID} for r in rows]
+
+
+def data_counts(split_dir: Path, labels: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """{split: {"n": total, label: count}} from the split stage's files."""
+    out = {}
+    for name in SPLITS:
+        rows = read_jsonl(split_dir / f"{name}.jsonl")
+        out[name] = {"n": len(rows), **{label: sum(r["element"] == label for r in rows) for label in labels}}
+    return out
+
+
+def grid_rows(rows: list[dict[str, str]], labels: tuple[str, ...], n: int) -> list[dict[str, str]]:
+    """Up to `n` rows: every mistake first (what a reviewer needs to see), then classes in turn."""
+    wrong = sorted((r for r in rows if r["pred"] != r["truth"]), key=lambda r: r["id"])
+    right = {label: sorted((r for r in rows if r["pred"] == r["truth"] == label), key=lambda r: r["id"])
+             for label in labels}
+    picked = wrong[:n]
+    i = 0
+    while len(picked) < n and any(i < len(v) for v in right.values()):
+        picked += [v[i] for v in right.values() if i < len(v)][: n - len(picked)]
+        i += 1
+    return picked
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """HEAD's commit and whether the code and config differ from it (untracked files count)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "uncommitted", "dirty": True}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=all", "--", *CODE))}
+
+
+def dvc_hashes(lock: Path, deps: list[Path]) -> dict[str, str]:
+    """The md5 `dvc.lock` records for each dep that an upstream stage outputs ("unknown" outside `dvc repro`)."""
+    recorded: dict[str, str] = {}
+    if lock.exists():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in stage.get("outs", []):
+                recorded[os.path.normpath(out["path"])] = out.get("md5", "unknown")
+    return {str(d): recorded.get(os.path.normpath(d), "unknown") for d in deps}
+
+
+def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
+    """The shipped grammar parses with the shipped model's vocabulary and admits each label, then the EOS.
+
+    Token by token, as the app tokenizes the answer: a label split into tokens the grammar
+    cannot follow would make constrained decoding unable to say it.
+    """
+    import llama_cpp
+
+    from src.grammar import Constraint, admits
+    from src.llama_runtime import silence
+
+    silence()
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        n, vocab = llm.n_vocab(), llm._model.vocab
+        (eos,) = llm.tokenize(contract.target.eos.encode(), add_bos=False, special=True)
+        for label in contract.labels:
+            tokens = llm.tokenize(contract.target.text(label).encode(), add_bos=False, special=False)
+            with Constraint(vocab, grammar, n) as c:
+                if not admits(c, tokens, eos, n):
+                    raise SystemExit(f"release: {BUNDLE['grammar']} does not admit {contract.target.text(label)!r} "
+                                     f"(tokens {tokens}) followed by {contract.target.eos!r}")
+    finally:
+        llm.close()
+
+
+def base_model(base: dict[str, Any]) -> str:
+    if base["source"] == "hub":
+        return f"{base['hub_id']} at revision {base['revision']}"
+    if base["source"] == "local":
+        return f"local directory {base['local_dir']}"
+    return f"built in-process (finetune.base.builder, random init): a SmolVLM-shaped demo model, not {base['hub_id']}"
+
+
+def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], finetune: dict[str, Any],
+               per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], git: dict[str, Any],
+               dvc: dict[str, str]) -> dict[str, Any]:
+    base = p["finetune"]["base"]
+    return {
+        "name": "SmolVLM five-element classifier",
+        "labels": list(contract.labels),
+        "base_model": {**base, "description": base_model(base)},
+        "runtime": {"engine": "llama.cpp mtmd", "text": f"{BUNDLE['model']} ({p['quantize_q8']['ftype']})",
+                    "mmproj": BUNDLE["mmproj"], "n_ctx": p["eval_parity"]["n_ctx"],
+                    "decoding": "greedy as contract.generation, constrained by grammar.gbnf"},
+        "metrics": {"test_q8_0": {"accuracy": parity["accuracy"]["q8_0"], "agreement_with_hf": parity["agreement"]["q8_0"],
+                                  "invalid_rate": parity["invalid_rate"]["q8_0"], "per_class": per_class},
+                    "parity": parity, "finetune": finetune},
+        "data": counts,
+        "params": p,
+        "files": files,
+        "provenance": {"git": git, "dvc_deps_md5": dvc},
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    m, d = card["metrics"]["test_q8_0"], card["data"]
+    labels = card["labels"]
+    git = card["provenance"]["git"]
+    lines = [
+        f"# {card['name']}", "",
+        f"Labels: {', '.join(labels)}. Base model: {card['base_model']['description']}.",
+        f"Runtime: {card['runtime']['engine']}, {card['runtime']['text']} + {card['runtime']['mmproj']}, "
+        f"n_ctx {card['runtime']['n_ctx']}, {card['runtime']['decoding']}.", "",
+        "## Metrics (test split, Q8_0, eval_parity)", "",
+        f"accuracy {m['accuracy']}, agreement with transformers {m['agreement_with_hf']}, "
+        f"invalid rate {m['invalid_rate']}", "",
+        "| class | n | correct | accuracy |", "|---|---|---|---|",
+        *[f"| {k} | {v['n']} | {v['correct']} | {v['accuracy']} |" for k, v in m["per_class"].items()], "",
+        "## Data", "",
+        f"| split | n | {' | '.join(labels)} |", "|---|---|" + "---|" * len(labels),
+        *[f"| {s} | {c['n']} | {' | '.join(str(c[label]) for label in labels)} |" for s, c in d.items()], "",
+        "## Files", "", "| file | bytes | sha256 |", "|---|---|---|",
+        *[f"| {k} | {v['bytes']} | `{v['sha256']}` |" for k, v in card["files"].items()], "",
+        "## Provenance", "",
+        f"git {git['commit']}{' (dirty: code or config differ from it)' if git['dirty'] else ''}", "",
+        *[f"- `{k}` md5 `{v}`" for k, v in card["provenance"]["dvc_deps_md5"].items()], "",
+        "## Params", "", "```json", json.dumps(card["params"], indent=2, sort_keys=True), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("quantize_q8", "convert_gguf", "split", "resize256", "parity", "images", "finetune_metrics",
+                 "out", "plots"):
+        ap.add_argument(name, type=Path)
+    args = ap.parse_args()
+    p = stage_params("release")
+    contract = Contract.from_dict(p["contract"])
+    parity = json.loads(args.parity.read_text())
+    from src.eval_parity import gates  # imports torch; only this check needs it
+
+    fails = gates(parity, p["eval_parity"], {})  # the DAG already orders release after a green eval_parity;
+    if fails:                                    # this also stops `dvc repro -s release` on stale metrics
+        raise SystemExit("release: parity gates fail, nothing released\n  " + "\n  ".join(fails))
+    args.out.mkdir(parents=True, exist_ok=True)
+    copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
+    copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
+    write_text_atomic(args.out / BUNDLE["contract"], contract.to_json())
+    grammar = gbnf(contract.labels, contract.target)
+    check_grammar(args.out / BUNDLE["model"], grammar, contract)
+    write_text_atomic(args.out / BUNDLE["grammar"], grammar)
+    rows = answers(args.images.read_text(), contract.labels)
+    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
+    per_class = plots.per_class_accuracy(truth, pred, contract.labels)
+    files = {BUNDLE[k]: file_hashes(args.out / BUNDLE[k]) for k in ("model", "mmproj", "contract", "grammar")}
+    deps = [args.quantize_q8, args.convert_gguf, args.split, args.resize256, args.parity, args.images,
+            args.finetune_metrics]
+    card = model_card(contract, p, parity, json.loads(args.finetune_metrics.read_text()), per_class,
+                      data_counts(args.split, contract.labels), files, git_state(Path.cwd()),
+                      dvc_hashes(Path("dvc.lock"), deps))
+    write_json(args.out / BUNDLE["card"], card)
+    write_text_atomic(args.out / BUNDLE["card_md"], card_markdown(card))
+    title = f"Q8_0 on the test split (n={len(rows)})"
+    write_bytes_atomic(args.plots / PLOTS["confusion"], plots.confusion_png(truth, pred, contract.labels, title))
+    write_bytes_atomic(args.plots / PLOTS["per_class"], plots.per_class_png(per_class, title))
+    g = p["release"]["grid"]
+    tiles = [(Image.open(args.resize256 / r["canvas"]), r["id"], r["truth"], r["pred"])
+             for r in grid_rows(rows, contract.labels, g["n"])]
+    write_bytes_atomic(args.plots / PLOTS["grid"], plots.sample_grid_png(tiles, g["cols"], title))
+    print(f"release: {', '.join(BUNDLE.values())} -> {args.out}; {', '.join(PLOTS.values())} -> {args.plots} "
+          f"(Q8_0 test accuracy {card['metrics']['test_q8_0']['accuracy']}, git {card['provenance']['git']['commit'][:12]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny copy of this repository whose pipeline runs in about a minute."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Tiny but real: the same stages, the real SmolLM2 tokenizer, fewer photos and epochs.
+TINY = {
+    "download.demo.n": 60,
+    "split.val": 0.2,
+    "split.test": 0.25,
+    "finetune.epochs": 6,
+    "finetune.base.builder.text_hidden": 64,
+    "finetune.base.builder.text_heads": 2,
+    "finetune.base.builder.text_kv_heads": 1,
+}
+
+
+def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        params = params[p]
+    params[leaf] = value
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
+    """A fresh git + DVC repo holding this project's code and params (with overrides)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
+        if (ROOT / name).exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, dest / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for k, v in overrides.items():
+        set_param(params, k, v)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the converter lives in the project's .cache; link it rather than unpack it again
+    (dest / ".cache").mkdir(exist_ok=True)
+    for vendor in (ROOT / ".cache").glob("llama.cpp-*"):
+        (dest / ".cache" / vendor.name).symlink_to(vendor)
+    (dest / ".gitignore").write_text("/.cache/\n__pycache__/\n")
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline, reproduced once per test session."""
+    repo = make_repo(tmp_path_factory.mktemp("tiny") / "repo", TINY)
+    run(["dvc", "repro"], repo)
+    return repo

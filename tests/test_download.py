@@ -1,0 +1,230 @@
+"""download against a real HTTP server on 127.0.0.1, and the local sources (folder, HF dataset, manifests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.download import HttpConfig, run
+from src.records import read_jsonl, sha256
+from src.sources import folder_items, hf_items, manifest_items, unique_ids
+from tests.http_server import LoopbackServer, drip, flaky, no_length, ok, redirect, stall, status, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = HttpConfig(workers=8, timeout_s=0.5, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test")
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries almost no data: a decompression-bomb header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_manifest(path: Path, urls: list[str], labels: list[str] | None = None) -> Path:
+    labels = labels or ["fire"] * len(urls)
+    path.write_text("".join(json.dumps({"url": u, "label": lab}) + "\n" for u, lab in zip(urls, labels)))
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes): two runs are identical iff their trees are."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+GOOD = [image_bytes(i, "JPEG" if i % 2 else "PNG") for i in range(3)]
+HTML = b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>\n"
+
+
+def bad_web_routes() -> dict:
+    return {
+        "/good0.png": ok(GOOD[0], "image/png"),
+        "/good1.jpg": ok(GOOD[1], "image/jpeg"),
+        "/good2": ok(GOOD[2], "text/plain"),  # a wrong content type does not matter: content decides
+        "/copy-of-good1.jpg": ok(GOOD[1], "image/jpeg"),
+        "/moved.jpg": redirect("/good1.jpg"),
+        "/flaky.png": flaky(1, ok(GOOD[0], "image/png")),
+        "/missing.jpg": status(404),
+        "/broken.jpg": status(500),
+        "/slow.jpg": drip(GOOD[1], every_s=0.05),
+        "/stalled.jpg": stall(3.0, GOOD[1][:100]),
+        "/stalled-headers.jpg": lambda h: h.server.closing.wait(3.0),
+        "/error-page.jpg": ok(HTML, "image/jpeg"),
+        "/truncated.jpg": ok(GOOD[1][: len(GOOD[1]) // 2], "image/jpeg"),
+        "/to-file": redirect("file:///etc/passwd"),
+        "/huge.jpg": ok(b"\xff\xd8" + b"\0" * 300_000, "image/jpeg"),
+        "/huge-no-length.png": no_length(b"\0" * 300_000),
+        "/bomb.png": ok(png_header_only(30_000, 30_000), "image/png"),
+        "/empty.jpg": ok(b"", "image/jpeg"),
+    }
+
+
+def test_every_bad_url_becomes_a_failed_record_with_its_cause(tmp_path: Path) -> None:
+    with LoopbackServer(bad_web_routes()) as srv:
+        paths = list(bad_web_routes())
+        urls = [srv.url(p) for p in paths] + ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", ""]
+        items = manifest_items(write_manifest(tmp_path / "urls.jsonl", urls))
+        summary = run(items, tmp_path / "dl", tmp_path / "m.json", FAST, max_failure_rate=1.0)
+        rows = {r["url"].replace(srv.base, ""): r for r in read_jsonl(tmp_path / "dl" / "manifest.jsonl")}
+        hits = {p: srv.hits(p) for p in paths}
+
+    assert len(rows) == len(urls) == summary["items"]  # nothing lost
+    for p in ("/good0.png", "/good1.jpg", "/good2", "/copy-of-good1.jpg", "/moved.jpg", "/flaky.png", "/truncated.jpg"):
+        assert rows[p]["status"] == "ok", rows[p]
+    assert rows["/good2"]["format"] == "JPEG" or rows["/good2"]["format"] == "PNG"
+    assert rows["/good1.jpg"]["sha256"] == sha256(GOOD[1]) and rows["/good1.jpg"]["bytes"] == len(GOOD[1])
+    assert (rows["/good1.jpg"]["width"], rows["/good1.jpg"]["height"]) == (48, 32)
+    # De-duplication by content: stored once, later copies point at the first.
+    assert rows["/copy-of-good1.jpg"]["duplicate_of"] == rows["/good1.jpg"]["id"]
+    assert rows["/moved.jpg"]["duplicate_of"] == rows["/good1.jpg"]["id"]
+    assert rows["/flaky.png"]["duplicate_of"] == rows["/good0.png"]["id"]
+    assert len(list((tmp_path / "dl" / "images").iterdir())) == 4  # good0, good1, good2, truncated
+    expect = {
+        "/missing.jpg": ("http_404", "HTTP 404"),
+        "/broken.jpg": ("http_500", "HTTP 500 Internal Server Error (after 2 attempts)"),
+        "/slow.jpg": ("timeout", "slow host: body not complete within 0.5 s"),
+        "/stalled.jpg": ("timeout", "read timeout"),
+        "/stalled-headers.jpg": ("timeout", "read timeout"),
+        "/error-page.jpg": ("not_image", f"not an image: {len(HTML)} bytes starting b'<!DOCTYPE html>"),
+        "/to-file": ("scheme", "refused redirect from"),
+        "/huge.jpg": ("too_large", "Content-Length 300002 exceeds max_bytes 200000"),
+        "/huge-no-length.png": ("too_large", "body exceeds max_bytes 200000"),
+        "/bomb.png": ("too_many_pixels", "too many pixels"),
+        "/empty.jpg": ("not_image", "empty body"),
+        "file:///etc/passwd": ("scheme", "scheme 'file' is not http or https"),
+        "ftp://127.0.0.1/x.jpg": ("scheme", "scheme 'ftp'"),
+        "": ("scheme", "scheme '(none)'"),
+    }
+    for p, (kind, words) in expect.items():
+        r = rows[p]
+        assert (r["status"], r["error_kind"]) == ("failed", kind), r
+        assert words in r["error"] and r["sha256"] is None and r["path"] is None, r
+    assert "'file:///etc/passwd'" in rows["/to-file"]["error"]
+    # Retries only where the failure may pass: 404 once, 500 and the flaky host twice.
+    assert (hits["/missing.jpg"], hits["/broken.jpg"], hits["/flaky.png"], hits["/stalled.jpg"]) == (1, 2, 2, 2)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["ok"] + metrics["failed"] == metrics["items"] == len(urls)
+    assert metrics["duplicates"] == 3 and metrics["errors"]["timeout"] == 3 and metrics["errors"]["scheme"] == 4
+    assert not (tmp_path / "dl" / "journal.jsonl").exists()
+
+
+def test_failure_gate_passes_below_and_stops_above_with_a_clear_message(tmp_path: Path) -> None:
+    routes = {f"/ok{i}.jpg": ok(image_bytes(i)) for i in range(4)} | {"/gone.jpg": status(404)}
+    with LoopbackServer(routes) as srv:
+        items = manifest_items(write_manifest(tmp_path / "u.jsonl", [srv.url(p) for p in routes]))
+        assert run(items, tmp_path / "a", tmp_path / "a.json", FAST, max_failure_rate=0.2)["failure_rate"] == 0.2
+        with pytest.raises(SystemExit) as e:
+            run(items, tmp_path / "b", tmp_path / "b.json", FAST, max_failure_rate=0.1)
+    msg = str(e.value.code)
+    assert "failure rate 20.0% (1/5) exceeds download.max_failure_rate 10.0%" in msg and "http_404 1" in msg
+    assert len(read_jsonl(tmp_path / "b" / "manifest.jsonl")) == 5  # the evidence is kept for inspection
+
+
+KILL_SCRIPT = """
+import json, sys
+from pathlib import Path
+from src.download import HttpConfig, run
+from src.sources import manifest_items
+out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t")
+run(manifest_items(manifest), out, out.parent / (out.name + ".json"), cfg, 1.0)
+"""
+
+
+def test_sigkill_midway_then_rerun_fetches_only_the_rest_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    n = 40
+    routes = {f"/p{i:02d}.jpg": ok(image_bytes(100 + i), "image/jpeg", delay_s=0.05) for i in range(n)}
+    routes["/p07.jpg"] = status(404)  # failures are part of the record too
+    with LoopbackServer(routes) as srv:
+        manifest = write_manifest(tmp_path / "u.jsonl", [srv.url(p) for p in routes])
+        out = tmp_path / "killed"
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(manifest)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert wait_for(lambda: len(read_jsonl(out / "journal.jsonl")) >= 12, timeout_s=20)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        journal = read_jsonl(out / "journal.jsonl")
+        assert 12 <= len(journal) < n and not (out / "manifest.jsonl").exists()  # it really died midway
+        stored = {r["url"].replace(srv.base, "") for r in journal if r["status"] == "ok"}
+        srv.clear_log()
+        run(manifest_items(manifest), out, tmp_path / "killed.json", FAST, 1.0)
+        refetched = srv.paths()
+        srv.clear_log()
+        run(manifest_items(manifest), tmp_path / "clean", tmp_path / "clean.json", FAST, 1.0)
+        srv.clear_log()
+        run(manifest_items(manifest), out, tmp_path / "killed.json", FAST, 1.0)  # a rerun of a finished store
+        assert srv.paths() == ["/p07.jpg"]  # only the failure is tried again
+
+    assert not set(refetched) & stored, "a stored item was fetched again"
+    assert set(refetched) == set(routes) - stored and len(refetched) == len(set(refetched))
+    assert tree(out) == tree(tmp_path / "clean")  # byte-identical outputs
+    assert (tmp_path / "killed.json").read_bytes() == (tmp_path / "clean.json").read_bytes()
+
+
+def test_manifest_readers_csv_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("url,label,license,source\nhttp://x/1.jpg,fire,CC-BY-4.0,flickr\n"
+                                    "http://x/1.jpg,,,\n,metal,,\n")
+    items = manifest_items(tmp_path / "a.csv")
+    assert [(i.url, i.label, i.licence, i.source) for i in items] == [
+        ("http://x/1.jpg", "fire", "CC-BY-4.0", "flickr"), ("http://x/1.jpg", None, None, "a.csv"), ("", "metal", None, "a.csv")]
+    assert len({i.id for i in items}) == 3 and items[1].id == items[0].id + "-2"
+    (tmp_path / "b.jsonl").write_text('{"url": "https://y/2.png", "id": "k", "licence": "CC0"}\n\n{"url": "https://y/3.png", "id": "k"}\n')
+    assert [(i.id, i.licence) for i in manifest_items(tmp_path / "b.jsonl")] == [("k", "CC0"), ("k-2", None)]
+    (tmp_path / "c.csv").write_text("link\nhttp://x\n")
+    with pytest.raises(ValueError, match="no 'url' column"):
+        manifest_items(tmp_path / "c.csv")
+    assert unique_ids(["a", "a", "a-2", "a"]) == ["a", "a-2", "a-2-2", "a-3"]
+
+
+def test_folder_source_with_class_subfolders(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    for i, (label, name) in enumerate([("fire", "a.jpg"), ("fire", "b.png"), ("water", "c.jpeg"), ("water", "notes.txt")]):
+        (src / label).mkdir(parents=True, exist_ok=True)
+        (src / label / name).write_bytes(b"just text" if name.endswith(".txt") else image_bytes(i, "PNG" if i == 2 else "JPEG"))
+    (src / ".DS_Store").write_bytes(b"junk")
+    items = folder_items(src, class_subfolders=True)
+    summary = run(items, tmp_path / "dl", tmp_path / "m.json", FAST, max_failure_rate=0.5)
+    rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
+    assert [(r["url"], r["label"], r["status"]) for r in rows] == [
+        ("folder:fire/a.jpg", "fire", "ok"), ("folder:fire/b.png", "fire", "ok"),
+        ("folder:water/c.jpeg", "water", "ok"), ("folder:water/notes.txt", "water", "failed")]
+    assert rows[2]["format"] == "PNG"  # content, not extension, decides
+    assert rows[3]["error_kind"] == "not_image" and summary["failed"] == 1
+
+
+def test_hf_dataset_source_built_in_process(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["water", "fire"])})
+    imgs = [Image.open(io.BytesIO(image_bytes(i, "PNG"))) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": [1, 0, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    items = hf_items(str(tmp_path / "hfds"), "train", "image", "label")
+    run(items, tmp_path / "dl", tmp_path / "m.json", FAST, max_failure_rate=0.0)
+    rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
+    assert [(r["id"], r["label"], r["status"], r["format"]) for r in rows] == [
+        ("hf-0000000", "fire", "ok", "PNG"), ("hf-0000001", "water", "ok", "PNG"), ("hf-0000002", "fire", "ok", "PNG")]
+    assert rows[0]["sha256"] == sha256((tmp_path / "dl" / rows[0]["path"]).read_bytes())
+    with pytest.raises(ValueError, match="no image column 'picture'"):
+        hf_items(str(tmp_path / "hfds"), "train", "picture", "")

@@ -1,0 +1,363 @@
+"""label: the manifest provider, overrides, the audit page, and the VLM teacher against a real
+loopback OpenAI-compatible server (tests/openai_server.py) through the real `openai` client."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from src.label import label_stage
+from src.params import stage_params
+from src.records import read_jsonl, sha256, write_jsonl
+from tests.openai_server import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = ("water", "land", "fire", "wood", "metal")
+KEY = "sk-test-LEAKCANARY-" + uuid.uuid4().hex
+
+
+def make_canvases(resize256: Path, n: int, start: int = 0) -> dict[str, str]:
+    """n distinct canvases + records.jsonl (appended to any already there); canvas sha256 -> true element."""
+    rows = read_jsonl(resize256 / "records.jsonl")
+    truth = {}
+    for i in range(start, start + n):
+        img = Image.new("RGB", (256, 256), ((i * 37) % 256, (i * 91) % 256, (i * 53 + 7) % 256))
+        img.putpixel((i % 256, 0), (255, 255, 255))  # distinct even where the colours wrap
+        path = resize256 / "tmp.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        digest = sha256(path.read_bytes())
+        (resize256 / "canvases").mkdir(exist_ok=True)
+        path.rename(resize256 / f"canvases/{digest}.png")
+        element = LABELS[i % len(LABELS)]
+        truth[digest] = element
+        rows.append({"id": f"img-{i:03d}", "url": f"test:{i}", "sha256": digest, "label": element, "status": "ok",
+                     "reason": None, "canvas": f"canvases/{digest}.png", "canvas_sha256": digest})
+    rows.append({"id": f"bad-{start}", "url": "test:bad", "sha256": "0" * 64, "label": None, "status": "rejected",
+                 "reason": "not an image", "canvas": None, "canvas_sha256": None})
+    write_jsonl(resize256 / "records.jsonl", rows)
+    return truth
+
+
+def params(base_url: str = "", **changes: Any) -> dict[str, Any]:
+    """The repo's declared label params, pointed at the fake server, with test-sized delays."""
+    p = copy.deepcopy(stage_params("label"))
+    lp = p["label"]
+    lp.update(provider="teacher", concurrency=3, backoff_s=0.05, max_failure_rate=0.0)
+    lp["teacher"].update(base_url=base_url, timeout_s=1.0)
+    lp["batch"].update(poll_s=0.05, wait_s=5)
+    for dotted, value in changes.items():
+        node = lp
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return p
+
+
+def run_stage(tmp: Path, p: dict[str, Any], overrides: Path | None = None) -> dict[str, Any]:
+    out = tmp / "label"
+    shutil.rmtree(out, ignore_errors=True)  # as DVC does before a run: the cache must not live here
+    return label_stage(tmp / "resize256", out, tmp / "metrics/label.json", tmp / "cache", overrides, p)
+
+
+def labels_by_sha(tmp: Path) -> dict[str, dict[str, Any]]:
+    return {r["canvas_sha256"]: r for r in read_jsonl(tmp / "label/labels.jsonl")}
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    return KEY
+
+
+# -- manifest (the default), overrides, audit ------------------------------------------------------
+
+def test_default_provider_is_manifest_and_needs_no_key_or_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    truth = make_canvases(tmp_path / "resize256", 6)
+    p = stage_params("label")
+    assert p["label"]["provider"] == "manifest"
+    m = run_stage(tmp_path, p)
+    rows = labels_by_sha(tmp_path)
+    assert {s: r["element"] for s, r in rows.items()} == truth
+    assert {r["provider"] for r in rows.values()} == {"manifest"}
+    assert m["canvases"] == 6 and m["failed"] == 0 and m["requests"] == 0 and m["cost_usd"] == 0
+    assert set(read_jsonl(tmp_path / "label/labels.jsonl")[0]) == {
+        "id", "canvas", "canvas_sha256", "element", "status", "error", "provider", "reason"}
+
+
+def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path) -> None:
+    make_canvases(tmp_path / "resize256", 6)
+    recs = read_jsonl(tmp_path / "resize256/records.jsonl")
+    sha0 = recs[0]["canvas_sha256"]
+    ov = tmp_path / "overrides.csv"
+    ov.write_text("# reviewed 2024-05\nkey,element,note\n"
+                  f"{sha0},metal,rusty bucket\nimg-001,fire,\nimg-999,wood,gone\n")
+    recs[2]["label"] = "plasma"  # a bad source label: failed, and shown as failed
+    write_jsonl(tmp_path / "resize256/records.jsonl", recs)
+    p = stage_params("label")
+    p["label"]["max_failure_rate"] = 0.5
+    m = run_stage(tmp_path, p, ov)
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "label/labels.jsonl")}
+    by_sha = labels_by_sha(tmp_path)
+    assert by_sha[sha0]["element"] == "metal" and by_sha[sha0]["provider"] == "override"
+    assert "rusty bucket" in by_sha[sha0]["reason"] and "manifest said water" in by_sha[sha0]["reason"]
+    assert rows["img-001"]["element"] == "fire" and rows["img-001"]["provider"] == "override"
+    assert rows["img-002"]["status"] == "failed" and "plasma" in rows["img-002"]["error"]
+    assert m["overrides_applied"] == 2 and m["overrides_unused"] == 1 and m["failed"] == 1
+    page = (tmp_path / "label/audit.html").read_text()
+    assert page.count("<img ") == 6 and page.count("data:image/jpeg;base64,") == 6
+    for element in set(rows[i]["element"] for i in rows if rows[i]["status"] == "ok"):
+        assert f"<h2 id='{element}'>" in page
+    assert "<h2 id='failed'>" in page and "rusty bucket" in page and "class='override'" in page
+    # the gate: one failure in six is over 10 %, and the outputs are still there to review
+    p["label"]["max_failure_rate"] = 0.1
+    with pytest.raises(SystemExit, match=r"1/6 canvases failed .*img-002"):
+        run_stage(tmp_path, p, ov)
+    assert (tmp_path / "label/labels.jsonl").exists() and (tmp_path / "label/audit.html").exists()
+    ov.write_text("key,element,note\nimg-001,plasma,\n")
+    with pytest.raises(SystemExit, match=r"row 2 .*plasma"):
+        run_stage(tmp_path, p, ov)
+
+
+# -- the teacher, online -----------------------------------------------------------------------------
+
+def test_teacher_survives_every_fault_and_caches_every_answer(tmp_path: Path, key: str) -> None:
+    truth = make_canvases(tmp_path / "resize256", 10)
+    s = sorted(truth)
+    faults = {s[0]: ["429"], s[1]: ["500", "500"], s[2]: ["timeout"], s[3]: ["malformed"], s[4]: ["offenum"],
+              s[5]: ["garbage"], s[6]: ["429", "offenum", "500"]}
+    with FakeOpenAI(truth, key, faults=faults, retry_after=1.0, hang_s=2.0) as srv:
+        m = run_stage(tmp_path, params(srv.base_url))
+        rows = labels_by_sha(tmp_path)
+        assert {sha: r["element"] for sha, r in rows.items()} == truth  # every canvas right, despite the faults
+        assert all(r["status"] == "ok" and r["provider"] == "teacher" and r["reason"] for r in rows.values())
+        assert srv.chat_requests == 10 + 10 == m["requests"]  # one per canvas, one per fault
+        assert (m["rate_limited"], m["server_errors"], m["timeouts"], m["invalid_answers"]) == (2, 4, 1, 3)
+        assert m["asked"] == 10 and m["cache_hits"] == 0 and m["tokens_in"] > 0 and m["tokens_out"] > 0
+        assert m["cost_usd"] == pytest.approx((m["tokens_in"] * 0.15 + m["tokens_out"] * 0.60) / 1e6, rel=1e-4)
+        (t429, f429), (t_ok, _) = srv.times(s[0])
+        assert f429 == "429" and t_ok - t429 >= 1.0  # Retry-After: 1 honoured
+        # ... by every worker, not only the refused one; and never more than `concurrency` at once
+        assert not [r for r in srv.log if t429 + 0.1 < r.at < t429 + 0.9]
+        assert srv.max_in_flight <= 3
+        # DVC deletes the outs; the cache outlives them: a second run asks nothing
+        m2 = run_stage(tmp_path, params(srv.base_url))
+        assert srv.chat_requests == 20 and m2["requests"] == 0 and m2["cache_hits"] == 10
+        assert {sha: r["element"] for sha, r in labels_by_sha(tmp_path).items()} == truth
+        paid_for_labels = sum(r["cost_usd"] for r in read_jsonl(tmp_path / "cache/answers.jsonl"))
+        assert m2["cost_usd"] == 0 and paid_for_labels > 0 and m2["cost_labels_usd"] == pytest.approx(paid_for_labels)
+        # a week's new photos: k new canvases, exactly k requests
+        truth.update(make_canvases(tmp_path / "resize256", 3, start=10))
+        m3 = run_stage(tmp_path, params(srv.base_url))
+        assert srv.chat_requests == 23 and m3["requests"] == 3 and m3["cache_hits"] == 10
+        # a new teacher prompt re-labels everything
+        m4 = run_stage(tmp_path, params(srv.base_url, teacher__prompt="Which element? {labels}"))
+        assert srv.chat_requests == 36 and m4["requests"] == 13 and m4["cache_hits"] == 0
+        assert m4["distribution"] == {e: list(truth.values()).count(e) for e in LABELS}
+
+
+def test_teacher_records_what_never_succeeds_as_failed_and_gates_on_it(tmp_path: Path, key: str) -> None:
+    truth = make_canvases(tmp_path / "resize256", 6)
+    s = sorted(truth)
+    always = {s[0]: "offenum", s[1]: "malformed", s[2]: "500", s[3]: "echo_key"}
+    with FakeOpenAI(truth, key, always=always) as srv:
+        p = params(srv.base_url, max_attempts=3, answer_attempts=2, max_failure_rate=0.7)
+        m = run_stage(tmp_path, p)
+        rows = labels_by_sha(tmp_path)
+        assert len(rows) == 6 and m["labelled"] == 2 and m["failed"] == 4  # each labelled or recorded failed
+        assert "'plasma' is not one of" in rows[s[0]]["error"] and "not JSON" in rows[s[1]]["error"]
+        assert "HTTP 500" in rows[s[2]]["error"] and "HTTP 400" in rows[s[3]]["error"]
+        assert key not in rows[s[3]]["error"] and "[redacted]" in rows[s[3]]["error"]
+        # answer_attempts, answer_attempts, max_attempts, and no retry of a 400
+        assert [len(srv.times(x)) for x in s[:4]] == [2, 2, 3, 1]
+        assert all(rows[x]["status"] == "ok" for x in s[4:])
+        # failures are not cached: the next run asks for those four again, and only those
+        before = srv.chat_requests
+        p["label"]["max_failure_rate"] = 0.5
+        with pytest.raises(SystemExit, match=r"4/6 canvases failed \(66.7% > label.max_failure_rate 50.0%\)"):
+            run_stage(tmp_path, p)
+        assert srv.chat_requests - before == 8
+        assert json.loads((tmp_path / "metrics/label.json").read_text())["asked"] == 4
+
+
+def test_teacher_fails_fast_on_a_missing_or_wrong_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = make_canvases(tmp_path / "resize256", 3)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeOpenAI(truth, KEY) as srv:
+        with pytest.raises(SystemExit, match="environment variable OPENAI_API_KEY"):
+            run_stage(tmp_path, params(srv.base_url))
+        assert srv.count() == 0
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+        with pytest.raises(SystemExit, match="HTTP 401"):
+            run_stage(tmp_path, params(srv.base_url, concurrency=1))
+        assert srv.count() == 1  # stopped at the first refusal, not one 401 per canvas
+
+
+def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
+    from src.teacher import AnswerCache
+
+    (tmp_path / "answers.jsonl").write_text('{"key": "a", "element": "fire"}\n{"key": "b", "elem')
+    cache = AnswerCache(tmp_path)
+    assert "a" in cache and "b" not in cache
+    cache.put({"key": "c", "element": "wood"})
+    assert [r["key"] for r in read_jsonl(tmp_path / "answers.jsonl")] == ["a", "c"]
+
+
+def test_cache_key_is_canvas_model_prompt_schema() -> None:
+    from src.teacher import TeacherConfig, cache_key
+
+    cfg = TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"])
+    k = cache_key("a" * 64, cfg, LABELS)
+    assert k == cache_key("a" * 64, TeacherConfig.from_params(params("http://elsewhere/v1", concurrency=9)["label"]), LABELS)
+    assert k != cache_key("b" * 64, cfg, LABELS)
+    assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__model="other")["label"]), LABELS)
+    assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__prompt="x {labels}")["label"]), LABELS)
+    assert k != cache_key("a" * 64, cfg, (*LABELS, "void"))  # the schema's enum
+
+
+# -- the teacher, batch mode ---------------------------------------------------------------------------
+
+def test_batch_mode_submits_once_resumes_after_restart_and_imports_into_the_cache(tmp_path: Path, key: str) -> None:
+    truth = make_canvases(tmp_path / "resize256", 8)
+    s = sorted(truth)
+    with FakeOpenAI(truth, key, faults={s[0]: ["offenum"]}, batch_polls=2) as srv:
+        p = params(srv.base_url, teacher__mode="batch", max_failure_rate=0.2)
+        p["label"]["batch"]["wait_s"] = 0
+        with pytest.raises(SystemExit, match="still running .* rerun to resume polling"):
+            run_stage(tmp_path, p)
+        assert len(srv.batches) == 1 and srv.chat_requests == 0
+        first = srv.count()
+        log = tmp_path / "cache/batches.jsonl"
+        assert [r["event"] for r in read_jsonl(log)] == ["uploaded", "submitted"]
+        # killed after the upload, before the batch id was logged: the restart finds the batch, not a new one
+        log.write_text(log.read_text().splitlines()[0] + "\n")
+        p["label"]["batch"]["wait_s"] = 5
+        m = run_stage(tmp_path, p)
+        assert len(srv.batches) == 1 and srv.chat_requests == 0
+        rows = labels_by_sha(tmp_path)
+        assert rows[s[0]]["status"] == "failed" and "plasma" in rows[s[0]]["error"]
+        assert {x: rows[x]["element"] for x in s[1:]} == {x: truth[x] for x in s[1:]}
+        assert m["cost_usd"] == pytest.approx((m["tokens_in"] * 0.15 + m["tokens_out"] * 0.60) / 1e6 * 0.5, rel=1e-4)
+        assert m["requests"] == srv.count() - first  # list (to adopt), polls, result download
+        # the failure was not cached: a rerun submits a batch of one, and gets it right
+        m2 = run_stage(tmp_path, p)
+        assert len(srv.batches) == 2 and m2["batch_lines"] == 1 and m2["failed"] == 0
+        assert {sha: r["element"] for sha, r in labels_by_sha(tmp_path).items()} == truth
+        before = srv.count()
+        m3 = run_stage(tmp_path, p)
+        assert srv.count() == before and m3["requests"] == 0 and m3["cache_hits"] == 8
+
+
+# -- as DVC runs it: a subprocess in a copy of the repo ----------------------------------------------
+
+def repo_copy(tmp: Path, **changes: Any) -> Path:
+    """src/, dvc.yaml and params.yaml (label params changed) in tmp/repo, where stage_params reads them."""
+    repo = tmp / "repo"
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params_yaml = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_yaml["label"] = params(**changes)["label"]  # every label leaf is declared, so this is all of it
+    (repo / "params.yaml").write_text(yaml.safe_dump(params_yaml, sort_keys=False))
+    return repo
+
+
+def stage_cmd(repo: Path) -> list[str]:
+    return [sys.executable, "-m", "src.label", "data/resize256", "data/label", "metrics/label.json",
+            "--cache", ".cache/label", "--overrides", "data/label_overrides.csv"]
+
+
+def env_with(key: str) -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": key, "PYTHONPATH": ""}
+
+
+def test_a_killed_run_resumes_without_paying_twice(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    truth = make_canvases(repo / "data/resize256", 12)
+    with FakeOpenAI(truth, KEY, delay_s=0.15) as srv:
+        repo_copy(tmp_path, teacher__base_url=srv.base_url, concurrency=1)
+        proc = subprocess.Popen(stage_cmd(repo), cwd=repo, env=env_with(KEY),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while srv.chat_requests < 5 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        paid = srv.chat_requests
+        cached = read_jsonl(repo / ".cache/label/answers.jsonl")
+        assert 5 <= paid < 12 and paid - 1 <= len(cached) <= paid  # at most the one request in flight is lost
+        res = subprocess.run(stage_cmd(repo), cwd=repo, env=env_with(KEY), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert srv.chat_requests - paid == 12 - len(cached)  # the rest, and nothing already answered
+        assert srv.max_in_flight == 1  # label.concurrency
+        assert json.loads((repo / "metrics/label.json").read_text())["cache_hits"] == len(cached)
+        rows = read_jsonl(repo / "data/label/labels.jsonl")
+        assert {r["canvas_sha256"]: r["element"] for r in rows} == truth
+
+
+def test_the_api_key_is_never_written_anywhere(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    truth = make_canvases(repo / "data/resize256", 6)
+    s = sorted(truth)
+    faults = {s[0]: ["429", "echo_key"], s[1]: ["500", "timeout"], s[2]: ["malformed"], s[3]: ["offenum"]}
+    with FakeOpenAI(truth, KEY, faults=faults, always={s[4]: "echo_key"}, hang_s=1.5) as srv:
+        outputs = []
+        for mode in ("online", "batch"):  # a prompt per mode, so the batch run asks for everything again
+            repo_copy(tmp_path, teacher__base_url=srv.base_url, teacher__mode=mode, max_failure_rate=0.5,
+                      teacher__prompt=f"{mode}: {{labels}}")
+            res = subprocess.run(stage_cmd(repo), cwd=repo, env=env_with(KEY), capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            outputs += [res.stdout, res.stderr]
+            if mode == "online":  # the server echoed the key in two errors: there was something to leak
+                errors = [r["error"] for r in read_jsonl(repo / "data/label/labels.jsonl") if r["error"]]
+                assert len(errors) == 2 and all("Bearer [redacted]" in e for e in errors)
+        assert srv.count("POST", "/v1/chat/completions") > 6 and srv.count("POST", "/v1/batches") == 1
+    written = [p for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert len(written) > 10
+    for p in written:
+        assert KEY.encode() not in p.read_bytes(), p
+    for text in outputs:
+        assert KEY not in text
+
+
+@pytest.mark.slow
+def test_dvc_repro_keeps_the_cache_and_never_records_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real thing: `dvc repro label` in a fresh git + DVC repo, twice (the second --force, so DVC
+    deletes data/label first). The second pays for nothing; no file DVC or git wrote holds the key."""
+    from tests.conftest import make_repo, run
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeOpenAI({}, KEY, faults={}) as srv:  # unknown canvases all answer the first label
+        repo = make_repo(tmp_path / "repo", {"download.demo.n": 12, "label.provider": "teacher",
+                                             "label.teacher.base_url": srv.base_url})
+        (repo / "data").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "data/label_overrides.csv", repo / "data/label_overrides.csv")
+        run(["git", "add", "-A"], repo)
+        first = run(["dvc", "repro", "label"], repo)
+        asked = srv.chat_requests
+        m = json.loads((repo / "metrics/label.json").read_text())
+        assert asked == m["requests"] == m["canvases"] > 0 and m["failed"] == 0
+        second = run(["dvc", "repro", "--force", "-s", "label"], repo)
+        assert "Running stage 'label'" in second.stdout
+        assert srv.chat_requests == asked  # DVC removed data/label; the cache outside it answered everything
+        assert json.loads((repo / "metrics/label.json").read_text())["cache_hits"] == m["canvases"]
+    lock = (repo / "dvc.lock").read_text()
+    assert "label.teacher.api_key_env: OPENAI_API_KEY" in lock and "label.teacher.prompt" in lock
+    for p in (p for p in repo.rglob("*") if p.is_file()):
+        assert KEY.encode() not in p.read_bytes(), p
+    for text in (first.stdout, first.stderr, second.stdout, second.stderr):
+        assert KEY not in text

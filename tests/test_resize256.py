@@ -1,0 +1,230 @@
+"""resize256 on every awkward input class, its determinism, and its resume after SIGKILL."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src import download, resize256
+from src.canvas import BadImage, canvas_png, decode, to_canvas
+from src.contract import CanvasSpec
+from src.records import read_jsonl, sha256
+from src.sources import folder_items
+from tests.http_server import wait_for
+from tests.test_download import png_header_only, tree
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
+CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t")
+
+
+def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png16_rgb(rgb: tuple[int, int, int], w: int = 8, h: int = 4) -> bytes:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), every pixel `rgb`."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\0" + struct.pack(">HHH", *rgb) * w
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * h)) + chunk(b"IEND", b""))
+
+
+def half_transparent(mode: str) -> Image.Image:
+    """40x20: left half transparent (hiding white), right half opaque red (or grey for LA)."""
+    a = np.zeros((20, 40, 4), np.uint8)
+    a[:, :20] = (255, 255, 255, 0)
+    a[:, 20:] = (255, 0, 0, 255)
+    img = Image.fromarray(a, "RGBA")
+    return img if mode == "RGBA" else img.convert(mode)
+
+
+def awkward_inputs() -> dict[str, bytes]:
+    p = Image.new("P", (40, 20), 1)
+    p.putpalette([255, 255, 255, 255, 0, 0] + [0] * 762)
+    p.paste(0, (0, 0, 20, 20))  # palette index 0 (white) is the transparent one
+    rgb_key = Image.new("RGB", (40, 20), (255, 0, 0))
+    rgb_key.paste((0, 255, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    grey = save(Image.new("L", (30, 30), 77), "JPEG")
+    noisy_jpeg = save(Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)), "JPEG")
+    noisy_png = save(Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)), "PNG")
+    mid = len(noisy_png) // 2
+    return {
+        "rgba.png": save(half_transparent("RGBA"), "PNG"),
+        "la.png": save(half_transparent("LA"), "PNG"),
+        "p_transparency.png": save(p, "PNG", transparency=0),
+        "rgb_colour_key.png": save(rgb_key, "PNG", transparency=(0, 255, 0)),
+        "cmyk.tif": save(Image.new("CMYK", (40, 20), (100, 50, 0, 128)), "TIFF"),
+        "cmyk.jpg": save(Image.new("CMYK", (40, 20), (100, 50, 0, 128)), "JPEG"),
+        "grey16.png": save(Image.fromarray(np.full((20, 40), 0xAB12, np.uint16)), "PNG"),
+        "rgb16.png": png16_rgb((0x1234, 0xABCD, 0x7F00)),
+        "grey.jpg": grey,
+        "zz-copy-of-grey.jpg": grey,
+        "exif6.jpg": save(Image.new("RGB", (40, 20), (200, 200, 0)), "JPEG", exif=exif.tobytes()),
+        "animated.gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.png": save(frames[1], "PNG", save_all=True, append_images=frames[:1]),
+        "truncated.jpg": noisy_jpeg[: len(noisy_jpeg) // 2],
+        "corrupt.png": noisy_png[:mid] + bytes(b ^ 0xFF for b in noisy_png[mid:mid + 64]) + noisy_png[mid + 64:],
+        "bomb.png": png_header_only(8000, 6000),
+        "sliver.png": save(Image.new("RGB", (1000, 1), (1, 2, 3)), "PNG"),
+    }
+
+
+def pipeline(tmp: Path, files: dict[str, bytes], spec: CanvasSpec = SPEC, workers: int = 2) -> tuple[dict, dict]:
+    """Folder -> download -> resize256; (records by file name, summary)."""
+    src = tmp / "photos"
+    src.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    dl = tmp / "dl"
+    if not (dl / "manifest.jsonl").exists():
+        download.run(folder_items(src, False), dl, tmp / "dl.json", CFG, max_failure_rate=1.0)
+    out = tmp / f"rs-{spec.exif}-{workers}"
+    summary = resize256.run(dl, out, spec, workers)
+    names = {r["id"]: r["url"].removeprefix("folder:") for r in read_jsonl(dl / "manifest.jsonl")}
+    return {names[r["id"]]: r for r in read_jsonl(out / "records.jsonl")}, {"summary": summary, "out": out}
+
+
+def canvas(out: Path, rec: dict) -> np.ndarray:
+    data = (out / rec["canvas"]).read_bytes()
+    assert sha256(data) == rec["canvas_sha256"] and rec["canvas"] == f"canvases/{rec['canvas_sha256']}.png"
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_every_awkward_input_is_drawn_or_rejected_with_its_cause(tmp_path: Path) -> None:
+    files = awkward_inputs()
+    recs, info = pipeline(tmp_path, files)
+    out, summary = info["out"], info["summary"]
+    assert set(recs) == set(files)  # one record per input, nothing lost
+    assert summary["inputs"] == summary["written"] + summary["rejected"] == len(files)
+    rejected = {
+        "truncated.jpg": r"^truncated or corrupt JPEG: OSError: image file is truncated",
+        "corrupt.png": r"^truncated or corrupt PNG: OSError: unrecognized data stream",
+        "bomb.png": r"^too many pixels: PNG 8000x6000 = 48000000 pixels exceeds max_pixels 40000000$",
+        "zz-copy-of-grey.jpg": rf"^duplicate: same content as {recs['grey.jpg']['id']} \(sha256 [0-9a-f]{{12}}\)$",
+        "sliver.png": r"^aspect ratio 1000x1 scales to 256x0: a side below one pixel$",
+    }
+    for name, pattern in rejected.items():
+        r = recs[name]
+        assert r["status"] == "rejected" and r["canvas"] is None and re.search(pattern, r["reason"]), r
+    assert summary["rejected_by"] == {"aspect ratio 1000x1 scales to 256x0": 1, "duplicate": 1, "too many pixels": 1,
+                                      "truncated or corrupt JPEG": 1, "truncated or corrupt PNG": 1}
+    for name in set(files) - set(rejected):
+        assert recs[name]["status"] == "ok" and recs[name]["reason"] is None, recs[name]
+        # The stored canvas is exactly the contract's transform of the original bytes.
+        assert (out / recs[name]["canvas"]).read_bytes() == canvas_png(to_canvas(decode(files[name], SPEC), SPEC))
+    # Transparency composites over black, whatever colour the transparent pixels hide (40x20 -> 256x128, top 64).
+    for name, opaque in (("rgba.png", (255, 0, 0)), ("la.png", (76, 76, 76)), ("p_transparency.png", (255, 0, 0)),
+                         ("rgb_colour_key.png", (255, 0, 0))):
+        c = canvas(out, recs[name])
+        assert tuple(c[128, 40]) == (0, 0, 0) and tuple(c[128, 220]) == opaque, name
+        assert tuple(c[10, 128]) == (0, 0, 0)  # letterbox
+    assert tuple(canvas(out, recs["cmyk.tif"])[128, 128]) == (77, 102, 127)  # (255-C)(255-K)/255, as Skia without ICC
+    assert np.abs(canvas(out, recs["cmyk.jpg"])[128, 128].astype(int) - (77, 102, 127)).max() <= 4
+    assert tuple(canvas(out, recs["grey16.png"])[128, 128]) == (0xAB,) * 3  # top byte, not clipped to white
+    assert tuple(canvas(out, recs["rgb16.png"])[128, 128]) == (0x12, 0xAB, 0x7F)
+    assert tuple(canvas(out, recs["animated.gif"])[128, 128]) == (255, 0, 0)  # the first frame
+    assert tuple(canvas(out, recs["animated.png"])[128, 128]) == (0, 255, 0)
+    # EXIF ignored (the app's BitmapFactory): landscape, letterboxed top and bottom.
+    c = canvas(out, recs["exif6.jpg"])
+    assert c[10, 128].max() == 0 and c[128, 10, 0] > 150
+
+
+def test_exif_apply_rotates_first(tmp_path: Path) -> None:
+    recs, info = pipeline(tmp_path, {k: v for k, v in awkward_inputs().items() if k == "exif6.jpg"},
+                          spec=dataclasses.replace(SPEC, exif="apply"))
+    c = canvas(info["out"], recs["exif6.jpg"])
+    assert c[128, 10].max() == 0 and c[10, 128, 0] > 150  # portrait: pillarboxed left and right
+
+
+def test_decode_names_the_cause() -> None:
+    with pytest.raises(BadImage, match=r"^empty file"):
+        decode(b"", SPEC)
+    with pytest.raises(BadImage) as e:
+        decode(b"<html>not a jpg", SPEC)
+    assert str(e.value) == ("not an image: UnidentifiedImageError: cannot identify image file <bytes>; "
+                            "15 bytes starting b'<html>not a jpg'")  # no object address: reproducible
+    with pytest.raises(BadImage, match=r"^too many pixels: "):
+        decode(png_header_only(30_000, 30_000), SPEC)  # beyond PIL's own hard limit too
+
+
+def test_outputs_are_bit_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
+    files = awkward_inputs()
+    _, a = pipeline(tmp_path, files, workers=1)
+    _, b = pipeline(tmp_path, files, workers=2)
+    _, c = pipeline(tmp_path, files, workers=2)  # a rerun over a finished output
+    assert tree(a["out"]) == tree(b["out"]) == tree(c["out"])
+    # Nothing else is left behind (journal, temp files); identical canvases share one file.
+    assert set(tree(a["out"])) == {"records.jsonl", "summary.json"} | {
+        r["canvas"] for r in read_jsonl(a["out"] / "records.jsonl") if r["canvas"]}
+
+
+def test_missing_or_altered_input_files_are_rejected_not_fatal(tmp_path: Path) -> None:
+    files = {"a.png": save(Image.new("RGB", (9, 9), 1), "PNG"), "b.png": save(Image.new("RGB", (9, 9), 2), "PNG")}
+    src = tmp_path / "photos"
+    src.mkdir()
+    for k, v in files.items():
+        (src / k).write_bytes(v)
+    download.run(folder_items(src, False), tmp_path / "dl", tmp_path / "dl.json", CFG, 1.0)
+    rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
+    (tmp_path / "dl" / rows[0]["path"]).unlink()
+    (tmp_path / "dl" / rows[1]["path"]).write_bytes(b"changed")
+    summary = resize256.run(tmp_path / "dl", tmp_path / "rs", SPEC, 1)
+    reasons = [r["reason"] for r in read_jsonl(tmp_path / "rs" / "records.jsonl")]
+    assert summary["rejected"] == 2 and reasons[0].startswith("missing input: cannot read")
+    assert reasons[1].startswith("corrupt input: ") and "does not match the manifest's sha256" in reasons[1]
+
+
+N_KILL = 80
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from src import resize256
+from tests.test_resize256 import SPEC
+resize256.run(Path(sys.argv[1]), Path(sys.argv[2]), SPEC, 1)
+"""
+
+
+def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterrupted_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dl = tmp_path / "photos", tmp_path / "dl"
+    src.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(N_KILL):
+        small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((640, 480))
+        (src / f"{i:03d}.jpg").write_bytes(save(small, "JPEG"))
+    download.run(folder_items(src, False), dl, tmp_path / "dl.json", CFG, 0.0)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(dl), str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(read_jsonl(out / "journal.jsonl")) >= 10, timeout_s=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its pool workers, all at once
+        proc.wait()
+    journaled = len(read_jsonl(out / "journal.jsonl"))
+    assert 10 <= journaled < N_KILL and not (out / "records.jsonl").exists()  # it really died midway
+    capsys.readouterr()
+    resize256.run(dl, out, SPEC, 2)
+    assert f"; {journaled} resumed ->" in capsys.readouterr().out  # rendered only what the journal lacked
+    resize256.run(dl, tmp_path / "clean", SPEC, 2)
+    assert tree(out) == tree(tmp_path / "clean")
+    assert not (out / "journal.jsonl").exists() and not list(out.rglob("*.tmp"))

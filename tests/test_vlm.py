@@ -1,0 +1,90 @@
+"""The transformers side on a tiny SmolVLM built in-process with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from src import vlm
+from src.contract import Contract, VisionSpec
+from tests.conftest import ROOT
+
+C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
+                       text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    model, processor = vlm.build(TINY, C.vision)
+    vlm.configure(model, processor, C.vision, C.target)
+    return model, processor
+
+
+def canvas(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (C.canvas.size, C.canvas.size, 3), dtype=np.uint8))
+
+
+def test_each_label_is_one_token(tiny: tuple[Any, Any]) -> None:
+    ids = vlm.label_token_ids(tiny[1].tokenizer, C.labels, C.target)
+    assert len(set(ids)) == len(C.labels)
+
+
+def test_only_the_answer_is_supervised(tiny: tuple[Any, Any]) -> None:
+    _, processor = tiny
+    tok = processor.tokenizer
+    a = vlm.training_example(processor, C.prompt, C.labels, C.target, canvas(0), C.labels[0])
+    b = vlm.training_example(processor, C.prompt, C.labels, C.target, canvas(1), C.labels[2])
+    b["input_ids"], b["labels"] = b["input_ids"][:-1], b["labels"][:-1]  # make it shorter, so collate pads it
+    batch = vlm.collate([a, b], tok.pad_token_id)
+    eos = tok.convert_tokens_to_ids(C.target.eos)
+    answer = [tok(C.target.text(C.labels[0]), add_special_tokens=False).input_ids[0], eos]
+    sup = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert sup == answer
+    # every prompt, image and padding position is -100
+    image_id = tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
+    assert (batch["labels"][batch["input_ids"] == image_id] == -100).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    n_prompt = len(vlm.prompt_inputs(processor, C.prompt, C.labels, canvas(0))["input_ids"][0])
+    assert (batch["labels"][0][:n_prompt] == -100).all() and (batch["labels"][0][n_prompt:] != -100).all()
+
+
+def test_configure_writes_geometry_and_eos_that_survive_saving(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, processor = tiny
+    vlm.save(model, processor, tmp_path)
+    proc = json.loads((tmp_path / "processor_config.json").read_text())
+    ip = proc["image_processor"]
+    assert ip["size"]["longest_edge"] == C.vision.longest_edge and ip["max_image_size"]["longest_edge"] == C.vision.tile
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == \
+        processor.tokenizer.convert_tokens_to_ids(C.target.eos)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == C.target.eos
+    # the hub loading path, pointed at a local directory
+    loaded, lproc = vlm.load(str(tmp_path))
+    inputs = vlm.prompt_inputs(lproc, C.prompt, C.labels, canvas(3))
+    torch.testing.assert_close(vlm.first_logits(loaded, inputs), vlm.first_logits(model, inputs))
+
+
+def test_a_tile_the_encoder_does_not_take_is_refused(tiny: tuple[Any, Any]) -> None:
+    model, processor = tiny
+    with pytest.raises(ValueError, match="tile"):
+        vlm.configure(model, processor, VisionSpec(tile=C.vision.tile * 2, longest_edge=C.vision.longest_edge), C.target)
+
+
+def test_cached_features_give_the_same_loss(tiny: tuple[Any, Any]) -> None:
+    model, processor = tiny
+    exs = [vlm.training_example(processor, C.prompt, C.labels, C.target, canvas(i), C.labels[i]) for i in range(2)]
+    b = vlm.collate(exs, processor.tokenizer.pad_token_id)
+    text = {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        full = model(pixel_values=b["pixel_values"], pixel_attention_mask=b["pixel_attention_mask"], **text).loss
+        hidden = vlm.vision_hidden(model, b["pixel_values"], b["pixel_attention_mask"])
+        cached = vlm.forward_from_hidden(model, hidden, **text).loss
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
