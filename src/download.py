@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from src.contract import labels_of
 from src.params import stage_params
-from src.records import append_jsonl, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.sources import Item, items_from_params
 
 EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
@@ -227,18 +227,6 @@ def mark_duplicates(records: list[dict[str, Any]]) -> None:
             first.setdefault(r["sha256"], r["id"])
 
 
-def prune(out: Path, keep: set[str]) -> None:
-    """Remove temp files of killed writes and images no record names: the store equals the manifest."""
-    images = out / "images"
-    if images.is_dir():
-        for p in images.iterdir():
-            if f"images/{p.name}" not in keep:
-                p.unlink()
-    for p in out.glob(".*.tmp"):
-        p.unlink()
-    (out / JOURNAL).unlink(missing_ok=True)
-
-
 def summarize(records: list[dict[str, Any]], max_failure_rate: float) -> dict[str, Any]:
     ok = [r for r in records if r["status"] == "ok"]
     failed = len(records) - len(ok)
@@ -282,7 +270,7 @@ def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failur
     records = [done[it.id] for it in items]
     mark_duplicates(records)
     write_jsonl(out / MANIFEST, records)
-    prune(out, {r["path"] for r in records if r["path"]})
+    prune_store(out, "images", {r["path"] for r in records if r["path"]}, JOURNAL)
     summary = summarize(records, max_failure_rate)
     write_json(metrics, summary)
     print(f"download: {summary['ok']} ok ({summary['duplicates']} duplicates), {summary['failed']} failed, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def base_model(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> 
     if source == "builder":
         model, processor = vlm.build(vlm.BuilderSpec(**base["builder"]), vision)
     elif source == "hub":
+        # A branch name would let the same params train on different weights tomorrow.
+        if not re.fullmatch(r"[0-9a-f]{40}", base["revision"] or ""):
+            raise SystemExit(f"finetune.base.revision={base['revision']!r}: pin the hub model to a 40-hex commit sha")
         model, processor = vlm.load(base["hub_id"], base["revision"])
     elif source == "local":
         model, processor = vlm.load(base["local_dir"])
@@ -142,22 +146,24 @@ def fingerprint(params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def save_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, best: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> None:
+def save_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                    best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """Safetensors for tensors (no pickles), JSON for the rest; state.json last marks it complete."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable(model), tmp / "last.safetensors")
     save_file(best, tmp / "best.safetensors")
-    opt_tensors = {f"{i}.{k}": v for i, s in enumerate(opt.state.values()) for k, v in s.items()}
+    # keyed by the parameter's index, not by opt.state order: a parameter without a gradient has no state
+    opt_tensors = {f"{i}.{k}": v for i, q in enumerate(params) for k, v in opt.state.get(q, {}).items()}
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     write_text_atomic(tmp / "state.json", json.dumps(state, indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
 
 
-def load_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, fp: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                    fp: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     if not (ckpt / "state.json").exists():
         return None
     state = json.loads((ckpt / "state.json").read_text())
@@ -165,7 +171,6 @@ def load_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, fp: str)
         print(f"finetune: {ckpt} was trained on other data or params; starting afresh")
         return None
     model.load_state_dict(load_file(ckpt / "last.safetensors"), strict=False)
-    params = [p for p in model.parameters() if p.requires_grad]
     flat = load_file(ckpt / "optimizer.safetensors")
     for i, p in enumerate(params):
         if f"{i}.step" in flat:
@@ -208,7 +213,7 @@ def main() -> None:
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
     fp = fingerprint(p, train_rows + val_rows)
-    resumed = load_checkpoint(args.ckpt, net, opt, fp)
+    resumed = load_checkpoint(args.ckpt, net, opt, params, fp)
     best, state = resumed if resumed else (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
                                                            "best": {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}})
     if resumed:
@@ -252,7 +257,7 @@ def main() -> None:
             state["epoch"] = epoch
             state["samples_per_s"] = train_seen / train_time
             if main_process:
-                save_checkpoint(args.ckpt, net, opt, best, state)
+                save_checkpoint(args.ckpt, net, opt, params, best, state)
             print(f"epoch {epoch}: train_loss {h['train_loss']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
 
     if not main_process:

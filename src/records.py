@@ -25,6 +25,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shipped and shared, not secrets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,3 +69,17 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def prune_store(out: Path, store: str, keep: set[str], journal: str) -> None:
+    """After a finished run: delete files under `out/store` no record names (`store/<name>` in `keep`),
+    temp files of killed writes, and the journal, so a resumed run leaves the same bytes as an
+    uninterrupted one."""
+    folder = out / store
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if f"{store}/{p.name}" not in keep:
+                p.unlink()
+    for p in out.glob(".*.tmp"):
+        p.unlink()
+    (out / journal).unlink(missing_ok=True)

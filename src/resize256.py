@@ -33,7 +33,7 @@ from tqdm import tqdm
 from src.canvas import BadImage, canvas_png, decode, to_canvas
 from src.contract import CanvasSpec
 from src.params import stage_params
-from src.records import append_jsonl, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 
 JOURNAL = "journal.jsonl"
 RESULT_KEYS = ("status", "reason", "canvas", "canvas_sha256")
@@ -84,18 +84,6 @@ def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
     return done
 
 
-def prune(out: Path, keep: set[str]) -> None:
-    """Remove temp files of killed writes and canvases no record names, then the journal."""
-    canvases = out / "canvases"
-    if canvases.is_dir():
-        for p in canvases.iterdir():
-            if f"canvases/{p.name}" not in keep:
-                p.unlink()
-    for p in out.glob(".*.tmp"):
-        p.unlink()
-    (out / JOURNAL).unlink(missing_ok=True)
-
-
 def reason_class(reason: str) -> str:
     """`too many pixels: ...` -> `too many pixels` (every reason starts with its cause)."""
     return reason.split(":", 1)[0]
@@ -129,7 +117,7 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
             res = results[r["sha256"]]
         records.append({**base, **res})
     write_jsonl(out / "records.jsonl", records)
-    prune(out, {r["canvas"] for r in records if r["canvas"]})
+    prune_store(out, "canvases", {r["canvas"] for r in records if r["canvas"]}, JOURNAL)
     rejected = [r for r in records if r["status"] != "ok"]
     summary = {"inputs": len(rows), "written": len(records) - len(rejected), "rejected": len(rejected),
                "canvases": len({r["canvas"] for r in records if r["canvas"]}),

@@ -1,4 +1,4 @@
-"""A killed finetune resumes from its checkpoint and ends exactly where an uninterrupted run ends."""
+"""finetune: a pinned base, and a killed run that resumes exactly where an uninterrupted one ends."""
 
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import BIN
 
-pytestmark = pytest.mark.slow
+def test_hub_base_must_be_pinned_to_a_commit() -> None:
+    from src.contract import TargetSpec, VisionSpec
+    from src.finetune import base_model
+
+    base = {"source": "hub", "hub_id": "HuggingFaceTB/SmolVLM-256M-Instruct", "revision": "main"}
+    with pytest.raises(SystemExit, match="40-hex commit sha"):
+        base_model(base, VisionSpec(tile=512, longest_edge=1024), TargetSpec(prefix=" ", eos="<end_of_utterance>"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)

@@ -118,3 +118,34 @@ def test_constraint_keeps_an_answer_that_already_is_a_label(vocab: llama_cpp.Lla
         return logits
 
     assert decode(vocab, g, model) == " fire"
+
+
+@pytest.mark.slow
+def test_vlm_constrained_decoding_keeps_labels_and_forces_them(tiny_repo: Path) -> None:
+    """On the released model: the grammar leaves the app prompt's answers alone and makes any prompt answer a label."""
+    import csv
+    import io
+
+    import yaml
+    from PIL import Image
+
+    from src.contract import Contract
+    from src.llama_runtime import LlamaVLM
+    from src.release import BUNDLE
+
+    paths = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["vars"][0]["paths"]
+    bundle = tiny_repo / paths["release"]
+    contract = Contract.load(bundle / BUNDLE["contract"])
+    g = (bundle / BUNDLE["grammar"]).read_text()
+    answers = {" " + x for x in contract.labels}
+    rows = list(csv.DictReader((tiny_repo / paths["parity_images"]).open()))[:4]
+    with LlamaVLM(bundle / BUNDLE["model"], bundle / BUNDLE["mmproj"], n_ctx=2048) as v:
+        prompt = contract.prompt_for(v.marker())
+        for r in rows:
+            canvas = Image.open(io.BytesIO((tiny_repo / paths["resize256"] / r["canvas"]).read_bytes())).convert("RGB")
+            free = v.generate(prompt, canvas, contract.generation)
+            assert free.text == contract.target.text(r["q8_0"])  # the default path is eval_parity's
+            con = v.generate(prompt, canvas, contract.generation, grammar=g)
+            assert (con.text, con.tokens, con.stopped) == (free.text, free.tokens, True)
+            odd = v.generate(v.marker() + "\nWrite a poem about this picture:", canvas, contract.generation, grammar=g)
+            assert odd.stopped and odd.text in answers, odd.text

@@ -14,7 +14,7 @@ from tests.conftest import run, set_param
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "resize256", "label", "split", "finetune", "convert_gguf", "quantize_q8", "eval_parity"]
+STAGES = ["download", "resize256", "label", "split", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"]
 
 
 def ran(output: str) -> set[str]:
@@ -51,7 +51,7 @@ def test_prompt_change_reruns_finetune_and_after_only(tiny_repo: Path, tmp_path:
     template = params["contract"]["prompt"]["template"]
     edit_params(repo, "contract.prompt.template", template.replace("Element:", "Answer:"))
     out = run(["dvc", "repro"], repo).stdout
-    assert ran(out) == {"finetune", "convert_gguf", "quantize_q8", "eval_parity"}
+    assert ran(out) == {"finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"}
 
 
 def test_canvas_size_change_starts_at_resize256(tiny_repo: Path, tmp_path: Path) -> None:
@@ -62,3 +62,17 @@ def test_canvas_size_change_starts_at_resize256(tiny_repo: Path, tmp_path: Path)
     # the first stage DVC finds changed is resize256; download is untouched, everything after reads its output
     assert "download" not in status
     assert min(STAGES.index(s) for s in status) == STAGES.index("resize256")
+
+
+def test_default_remote_round_trips_data_and_models(tiny_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "work" / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / ".dvc/config", repo / ".dvc/config")  # the shipped remote
+    run(["dvc", "push"], repo)
+    assert any((repo.parent / "dvc-remote").rglob("*")), "the default remote is ../../dvc-remote, beside the clone"
+    shutil.rmtree(repo / ".dvc/cache")
+    for out in ("data/resize256", "models/finetune", "models/quantize_q8"):
+        shutil.rmtree(repo / out)
+    run(["dvc", "pull"], repo)
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+    assert (repo / "models/quantize_q8/text-q8_0.gguf").stat().st_size > 0
