@@ -29,9 +29,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from src.contract import Contract
 from src.convert_gguf import text_gguf, the_mmproj
 from src.grammar import gbnf
 from src.params import stage_params
-from src.records import read_jsonl, write_bytes_atomic, write_json, write_text_atomic
+from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
 # The bundle's file names: the app and src/reading.py open these, whatever the upstream names were.
 BUNDLE = {"model": "model.gguf", "mmproj": "mmproj.gguf", "contract": "contract.json", "grammar": "grammar.gbnf",
@@ -51,18 +49,6 @@ BUNDLE = {"model": "model.gguf", "mmproj": "mmproj.gguf", "contract": "contract.
 PLOTS = {"confusion": "confusion.png", "per_class": "per_class_accuracy.png", "grid": "sample_grid.png"}
 SPLITS = ("train", "val", "test")
 CODE = ("src", "params.yaml", "dvc.yaml")  # what "dirty" is about: the code and config the bundle came from
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a (large) file so that `dst` exists whole or not at all."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_hashes(path: Path) -> dict[str, Any]:

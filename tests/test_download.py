@@ -22,7 +22,8 @@ from src.sources import folder_items, hf_items, manifest_items, unique_ids
 from tests.http_server import LoopbackServer, drip, flaky, no_length, ok, redirect, stall, status, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = HttpConfig(workers=8, timeout_s=0.5, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test")
+# A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
+FAST = HttpConfig(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test")
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 32)) -> bytes:
@@ -66,9 +67,9 @@ def bad_web_routes() -> dict:
         "/flaky.png": flaky(1, ok(GOOD[0], "image/png")),
         "/missing.jpg": status(404),
         "/broken.jpg": status(500),
-        "/slow.jpg": drip(GOOD[1], every_s=0.05),
-        "/stalled.jpg": stall(3.0, GOOD[1][:100]),
-        "/stalled-headers.jpg": lambda h: h.server.closing.wait(3.0),
+        "/slow.jpg": drip(GOOD[1], every_s=0.25),
+        "/stalled.jpg": stall(10.0, GOOD[1][:100]),
+        "/stalled-headers.jpg": lambda h: h.server.closing.wait(10.0),
         "/error-page.jpg": ok(HTML, "image/jpeg"),
         "/truncated.jpg": ok(GOOD[1][: len(GOOD[1]) // 2], "image/jpeg"),
         "/to-file": redirect("file:///etc/passwd"),
@@ -102,7 +103,7 @@ def test_every_bad_url_becomes_a_failed_record_with_its_cause(tmp_path: Path) ->
     expect = {
         "/missing.jpg": ("http_404", "HTTP 404"),
         "/broken.jpg": ("http_500", "HTTP 500 Internal Server Error (after 2 attempts)"),
-        "/slow.jpg": ("timeout", "slow host: body not complete within 0.5 s"),
+        "/slow.jpg": ("timeout", "slow host: body not complete within 2 s"),
         "/stalled.jpg": ("timeout", "read timeout"),
         "/stalled-headers.jpg": ("timeout", "read timeout"),
         "/error-page.jpg": ("not_image", f"not an image: {len(HTML)} bytes starting b'<!DOCTYPE html>"),

@@ -57,7 +57,7 @@ def params(base_url: str = "", **changes: Any) -> dict[str, Any]:
     p = copy.deepcopy(stage_params("label"))
     lp = p["label"]
     lp.update(provider="teacher", concurrency=3, backoff_s=0.05, max_failure_rate=0.0)
-    lp["teacher"].update(base_url=base_url, timeout_s=1.0)
+    lp["teacher"].update(base_url=base_url, timeout_s=3.0)  # room for a loaded CI machine
     lp["batch"].update(poll_s=0.05, wait_s=5)
     for dotted, value in changes.items():
         node = lp
@@ -141,7 +141,7 @@ def test_teacher_survives_every_fault_and_caches_every_answer(tmp_path: Path, ke
     s = sorted(truth)
     faults = {s[0]: ["429"], s[1]: ["500", "500"], s[2]: ["timeout"], s[3]: ["malformed"], s[4]: ["offenum"],
               s[5]: ["garbage"], s[6]: ["429", "offenum", "500"]}
-    with FakeOpenAI(truth, key, faults=faults, retry_after=1.0, hang_s=2.0) as srv:
+    with FakeOpenAI(truth, key, faults=faults, retry_after=1.0, hang_s=6.0) as srv:
         m = run_stage(tmp_path, params(srv.base_url))
         rows = labels_by_sha(tmp_path)
         assert {sha: r["element"] for sha, r in rows.items()} == truth  # every canvas right, despite the faults
@@ -314,7 +314,7 @@ def test_the_api_key_is_never_written_anywhere(tmp_path: Path) -> None:
     truth = make_canvases(repo / "data/resize256", 6)
     s = sorted(truth)
     faults = {s[0]: ["429", "echo_key"], s[1]: ["500", "timeout"], s[2]: ["malformed"], s[3]: ["offenum"]}
-    with FakeOpenAI(truth, KEY, faults=faults, always={s[4]: "echo_key"}, hang_s=1.5) as srv:
+    with FakeOpenAI(truth, KEY, faults=faults, always={s[4]: "echo_key"}, hang_s=5.0) as srv:
         outputs = []
         for mode in ("online", "batch"):  # a prompt per mode, so the batch run asks for everything again
             repo_copy(tmp_path, teacher__base_url=srv.base_url, teacher__mode=mode, max_failure_rate=0.5,
