@@ -240,9 +240,10 @@ def main() -> None:
                 loss.backward()
                 if acc.num_processes > 1:
                     for q in params:
-                        q.grad = acc.reduce(q.grad, reduction="mean")
+                        if q.grad is not None:  # the same parameters lack a gradient on every process
+                            q.grad = acc.reduce(q.grad, reduction="mean")
                 opt.step()
-                losses.append(float(loss) * len(batch))
+                losses.append(loss.item() * len(batch))
             train_time += time.perf_counter() - t0
             train_seen += len(order)
             val_acc, val_loss = evaluate(net, val, pad_id, cached, label_ids, labels, ft["batch_size"])

@@ -51,3 +51,25 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_repo: Path, tmp_path: Pa
         assert got[key] == want[key], key
     a, b = (load_file(r / "models/finetune/model.safetensors") for r in (repo, tiny_repo))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tiny_repo: Path, tmp_path: Path) -> None:
+    """The `accelerate launch` path on CPU (gloo via torchrun): each process takes half of every batch,
+    gradients are averaged, so two processes learn what one does, up to float rounding."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["finetune"]["cmd"].split()[3:]  # after -m src.finetune
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("one", ["python", "-m", "src.finetune"]),
+                           ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "src.finetune"])):
+        args = [*cmd[:2], f"out-{name}", f"m-{name}.json", f"live-{name}", f".cache/ckpt-{name}"]
+        res = subprocess.run([*launcher, *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads((repo / f"m-{name}.json").read_text())
+    assert runs["two"]["val_acc"] == runs["one"]["val_acc"]
+    assert runs["two"]["val_loss"] == pytest.approx(runs["one"]["val_loss"], rel=1e-3)
