@@ -8,10 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from PIL import Image
-from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
 
 from src import demo, vlm
 from src.canvas import decode, to_canvas
@@ -74,18 +72,6 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_sized(vision: dict[str, Any], text: dict[str, Any], scale_factor: int, seed: int = 0) -> tuple[Any, Any]:
-    """A random SmolVLM of any size with the real SmolLM2 tokenizer (vlm.build fixes intermediate = 2 x hidden)."""
-    tok = vlm.smollm2_tokenizer()
-    t = dict(vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-             tie_word_embeddings=True, model_type="llama", bos_token_id=tok.bos_token_id,
-             pad_token_id=tok.pad_token_id, **text)
-    config = Idefics3Config(vision_config=dict(vision), text_config=t, scale_factor=scale_factor,
-                            image_token_id=tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN), tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(), tokenizer=tok, image_seq_len=1)
-    return model, processor
 
 
 def rel(path: Path) -> str:

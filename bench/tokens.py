@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.common import (CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, STOCK_TEXT, STOCK_VISION, build_sized, median_time,
+from bench.common import (CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, STOCK_TEXT, STOCK_VISION, median_time,
                           timed)
 from src import geometry, vlm
 from src.contract import Contract, VisionSpec
@@ -61,7 +61,7 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
     out = []
     text_gguf = work / "proxy-text.gguf"
     for tile, edge in tqdm(CANDIDATES, desc="geometry candidates"):
-        model, processor = build_sized(PROXY_VISION, PROXY_TEXT, STOCK_SCALE)
+        model, processor = vlm.build_sized(PROXY_VISION, PROXY_TEXT, STOCK_SCALE, seed=0)
         if tile != PROXY_VISION["image_size"]:
             geometry.retile(model, processor, tile)
         vlm.configure(model, processor, VisionSpec(tile, edge), c.target)
@@ -96,7 +96,7 @@ def stock_ggufs(c: Contract) -> dict[str, Path]:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     steps = tqdm(total=6, desc="SmolVLM-256M-sized model (random)")
-    model, processor = build_sized(STOCK_VISION, STOCK_TEXT, STOCK_SCALE)
+    model, processor = vlm.build_sized(STOCK_VISION, STOCK_TEXT, STOCK_SCALE, seed=0)
     vlm.configure(model, processor, STOCK, c.target)
     vlm.save(model, processor, files["stock_hf"]); steps.update()  # noqa: E702
     convert(files["stock_hf"], files["text"], "f16"); steps.update()  # noqa: E702

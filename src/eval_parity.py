@@ -176,7 +176,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
 
     n = len(out)
 
-    def rate(side: str, pred: Any) -> float:
+    def rate(pred: Any) -> float:
         return round(sum(pred(x) for x in out) / n, 4) if n else 0.0
 
     metrics = {
@@ -191,9 +191,9 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
         "logits": {"max_abs_diff_f16": round(max(logit_diffs, default=0.0), 6),
                    "kl_q8_0": round(float(np.mean(kls)) if kls else 0.0, 6),
                    "kl_q8_0_max": round(max(kls, default=0.0), 6)},
-        "accuracy": {s: rate(s, lambda x, s=s: x.answers[s] == x.truth) for s in ("hf", "f16", "q8_0")},
-        "agreement": {s: rate(s, lambda x, s=s: x.answers[s] == x.answers["hf"]) for s in ("f16", "q8_0")},
-        "invalid_rate": {s: rate(s, lambda x, s=s: x.answers[s] is None) for s in ("hf", "f16", "q8_0")},
+        "accuracy": {s: rate(lambda x, s=s: x.answers[s] == x.truth) for s in ("hf", "f16", "q8_0")},
+        "agreement": {s: rate(lambda x, s=s: x.answers[s] == x.answers["hf"]) for s in ("f16", "q8_0")},
+        "invalid_rate": {s: rate(lambda x, s=s: x.answers[s] is None) for s in ("hf", "f16", "q8_0")},
     }
     return metrics, out, offenders
 

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
+from src.geometry import tokens_per_tile
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
 IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [
@@ -71,18 +72,25 @@ def smollm2_tokenizer() -> Any:
 
 def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
     """A randomly initialised SmolVLM (Idefics3 architecture), deterministic in `spec.seed`."""
-    tok = smollm2_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
-                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                num_key_value_heads=spec.text_kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                rope_theta=100000.0, tie_word_embeddings=True, model_type="llama",
-                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     vis = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                image_size=vision.tile, patch_size=spec.patch)
-    config = Idefics3Config(vision_config=vis, text_config=text, scale_factor=spec.scale_factor,
+    text = dict(hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                num_key_value_heads=spec.text_kv_heads)
+    return build_sized(vis, text, spec.scale_factor, spec.seed)
+
+
+def build_sized(vision: dict[str, Any], text: dict[str, Any], scale_factor: int,
+                seed: int) -> tuple[PreTrainedModel, Idefics3Processor]:
+    """A randomly initialised SmolVLM of any shape (vision and text config keys) with the real SmolLM2 tokenizer."""
+    tok = smollm2_tokenizer()
+    text_config = dict(vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                       tie_word_embeddings=True, model_type="llama", bos_token_id=tok.bos_token_id,
+                       pad_token_id=tok.pad_token_id, **text)
+    config = Idefics3Config(vision_config=dict(vision), text_config=text_config, scale_factor=scale_factor,
                             image_token_id=tok.convert_tokens_to_ids(HF_IMAGE_TOKEN), tie_word_embeddings=True)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
     processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(), tokenizer=tok, image_seq_len=1)
     return model, processor
@@ -101,9 +109,9 @@ def load(ref: str, revision: str | None = None) -> tuple[PreTrainedModel, Idefic
 
 
 def image_seq_len(model: PreTrainedModel) -> int:
-    """Image tokens per tile: (tile / patch / pixel-shuffle scale)^2."""
+    """Image tokens per tile of this model's encoder."""
     v = model.config.vision_config
-    return (v.image_size // v.patch_size // model.config.scale_factor) ** 2
+    return tokens_per_tile(v.image_size, v.patch_size, model.config.scale_factor)
 
 
 def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: VisionSpec, target: TargetSpec) -> None:

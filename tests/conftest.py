@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from src.records import read_jsonl
+from tests.http_server import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -39,6 +43,19 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res
+
+
+def kill_midway(script: str, args: list[str], journal: Path, rows: int, timeout_s: float) -> list[dict]:
+    """Run `python -c script *args` (from the repo root) in its own process group, SIGKILL the whole
+    group (a stage and its pool workers) once `journal` holds `rows` rows, and return the journal."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(read_jsonl(journal)) >= rows, timeout_s=timeout_s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return read_jsonl(journal)
 
 
 def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:

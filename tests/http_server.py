@@ -202,3 +202,4 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0
             return True
         time.sleep(every_s)
     return predicate()
+

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,7 +15,8 @@ from PIL import Image
 from src.download import HttpConfig, run
 from src.records import read_jsonl, sha256
 from src.sources import folder_items, hf_items, manifest_items, unique_ids
-from tests.http_server import LoopbackServer, drip, flaky, no_length, ok, redirect, stall, status, wait_for
+from tests.conftest import kill_midway
+from tests.http_server import LoopbackServer, drip, flaky, no_length, ok, redirect, stall, status
 
 ROOT = Path(__file__).resolve().parent.parent
 # A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
@@ -159,14 +156,7 @@ def test_sigkill_midway_then_rerun_fetches_only_the_rest_and_matches_an_uninterr
     with LoopbackServer(routes) as srv:
         manifest = write_manifest(tmp_path / "u.jsonl", [srv.url(p) for p in routes])
         out = tmp_path / "killed"
-        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(manifest)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            assert wait_for(lambda: len(read_jsonl(out / "journal.jsonl")) >= 12, timeout_s=20)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        journal = read_jsonl(out / "journal.jsonl")
+        journal = kill_midway(KILL_SCRIPT, [str(out), str(manifest)], out / "journal.jsonl", 12, timeout_s=20)
         assert 12 <= len(journal) < n and not (out / "manifest.jsonl").exists()  # it really died midway
         stored = {r["url"].replace(srv.base, "") for r in journal if r["status"] == "ok"}
         srv.clear_log()

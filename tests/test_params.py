@@ -22,14 +22,10 @@ def leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
     return out
 
 
-def flat_keys(tree: dict[str, Any]) -> set[str]:
-    return leaves(tree)
-
-
 @pytest.mark.parametrize("stage", list(DVC["stages"]))
 def test_stage_gets_exactly_its_declared_leaves(stage: str) -> None:
     declared = set(declared_keys(stage, ROOT / "dvc.yaml"))
-    assert flat_keys(stage_params(stage)) == declared
+    assert leaves(stage_params(stage)) == declared
     assert declared <= leaves(PARAMS), f"{stage} declares params that params.yaml lacks"
 
 

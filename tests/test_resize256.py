@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import re
-import signal
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from src.canvas import BadImage, canvas_png, decode, to_canvas
 from src.contract import CanvasSpec
 from src.records import read_jsonl, sha256
 from src.sources import folder_items
-from tests.http_server import wait_for
+from tests.conftest import kill_midway
 from tests.test_download import png_header_only, tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,14 +209,7 @@ def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterr
         (src / f"{i:03d}.jpg").write_bytes(save(small, "JPEG"))
     download.run(folder_items(src, False), dl, tmp_path / "dl.json", CFG, 0.0)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(dl), str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert wait_for(lambda: len(read_jsonl(out / "journal.jsonl")) >= 10, timeout_s=30)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its pool workers, all at once
-        proc.wait()
-    journaled = len(read_jsonl(out / "journal.jsonl"))
+    journaled = len(kill_midway(KILL_SCRIPT, [str(dl), str(out)], out / "journal.jsonl", 10, timeout_s=30))
     assert 10 <= journaled < N_KILL and not (out / "records.jsonl").exists()  # it really died midway
     capsys.readouterr()
     resize256.run(dl, out, SPEC, 2)
