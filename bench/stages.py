@@ -107,7 +107,7 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
 
     Default: the demo's builder model. `spec`/`vision` give another size, e.g. SmolVLM-256M's shapes.
     """
-    from src.finetune import Example, batch_loss, lora
+    from src.training import Example, batch_loss, lora
 
     p = params()["finetune"]
     vision = vision or c.vision

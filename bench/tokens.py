@@ -24,9 +24,8 @@ from bench.common import (CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, STOCK_TEXT, ST
                           timed)
 from src import geometry, vlm
 from src.contract import Contract, VisionSpec
-from src.eval_parity import expand
 from src.llama_build import convert
-from src.llama_runtime import LlamaVLM
+from src.llama_runtime import LlamaVLM, expand
 
 # (tile, longest_edge): stock, stock tile at smaller edges, and re-tiled encoders.
 CANDIDATES = [(512, 2048), (512, 1024), (512, 512), (256, 512), (256, 256), (128, 256)]

@@ -167,3 +167,8 @@ def canvas_png(canvas: Image.Image) -> bytes:
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def render_png(data: bytes, spec: CanvasSpec) -> bytes:
+    """Photo bytes -> canvas PNG bytes, as resize256 stores them (raises BadImage)."""
+    return canvas_png(to_canvas(decode(data, spec), spec))

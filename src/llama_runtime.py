@@ -184,3 +184,15 @@ class LlamaVLM:
             constraint.close()
         text = self.llm.detokenize(tokens, special=False).decode("utf-8", errors="replace")
         return Answer(text=text, tokens=tuple(tokens), first_logits=first, stopped=stopped)
+
+
+def expand(chunks: list[Chunk], image_token_id: int) -> list[int]:
+    """llama.cpp's layout as one id list, image positions written as the HF image token."""
+    ids: list[int] = []
+    for c in chunks:
+        ids.extend(c.tokens if c.kind == "text" else [image_token_id] * c.n_tokens)
+    return ids
+
+
+
+

@@ -30,9 +30,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from src.answers import parse_answer, softmax
 from src.canvas import BadImage, decode, to_canvas
 from src.contract import Contract
-from src.release import BUNDLE
+from src.artifacts import BUNDLE
 
 GENERATES = {"wood": "fire", "fire": "land", "land": "metal", "metal": "water", "water": "wood"}
 OVERCOMES = {"wood": "land", "land": "water", "water": "fire", "fire": "metal", "metal": "wood"}
@@ -150,13 +151,12 @@ def classify(bundle: Path, contract: Contract, grammar: str, n_ctx: int, images:
                      for x in contract.labels]
         for img in images:
             ans = vlm.generate(prompt, img, contract.generation, grammar=grammar)
-            element = next((x for x in contract.labels if ans.stopped and ans.text == contract.target.text(x)), None)
+            element = parse_answer(ans.text, ans.stopped, contract)
             if element is None:  # the grammar makes this unreachable; say so loudly if it ever is not
                 raise RuntimeError(f"constrained decoding gave {ans.text!r} (stopped={ans.stopped}), not a label")
-            logits = ans.first_logits[label_ids].astype(np.float64)
-            p = np.exp(logits - logits.max())
+            p = softmax(ans.first_logits[label_ids].astype(np.float64))
             results.append({"element": element, "text": ans.text,
-                            "p": {x: round(float(v), 4) for x, v in zip(contract.labels, p / p.sum())}})
+                            "p": {x: round(float(v), 4) for x, v in zip(contract.labels, p)}})
     return results
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.download import HttpConfig, run
+from src.stages.download import HttpConfig, run
 from src.records import read_jsonl, sha256
 from src.sources import folder_items, hf_items, manifest_items, unique_ids
 from tests.conftest import kill_midway
@@ -141,7 +141,7 @@ def test_failure_gate_passes_below_and_stops_above_with_a_clear_message(tmp_path
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from src.download import HttpConfig, run
+from src.stages.download import HttpConfig, run
 from src.sources import manifest_items
 out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t")

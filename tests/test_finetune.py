@@ -17,7 +17,7 @@ from tests.conftest import BIN
 
 def test_hub_base_must_be_pinned_to_a_commit() -> None:
     from src.contract import TargetSpec, VisionSpec
-    from src.finetune import base_model
+    from src.training import base_model
 
     base = {"source": "hub", "hub_id": "HuggingFaceTB/SmolVLM-256M-Instruct", "revision": "main"}
     with pytest.raises(SystemExit, match="40-hex commit sha"):
@@ -62,11 +62,11 @@ def test_two_processes_train_like_one(tiny_repo: Path, tmp_path: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["finetune"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cmd = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["finetune"]["cmd"].split()[3:]  # after -m src.finetune
+    cmd = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["finetune"]["cmd"].split()[3:]  # after -m src.stages.finetune
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     runs = {}
-    for name, launcher in (("one", ["python", "-m", "src.finetune"]),
-                           ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "src.finetune"])):
+    for name, launcher in (("one", ["python", "-m", "src.stages.finetune"]),
+                           ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "src.stages.finetune"])):
         args = [*cmd[:2], f"out-{name}", f"m-{name}.json", f"live-{name}", f".cache/ckpt-{name}"]
         res = subprocess.run([*launcher, *args], cwd=repo, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]

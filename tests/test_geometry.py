@@ -14,9 +14,8 @@ from PIL import Image
 
 from src import geometry, vlm
 from src.contract import Contract, VisionSpec
-from src.eval_parity import expand
 from src.llama_build import convert
-from src.llama_runtime import LlamaVLM
+from src.llama_runtime import LlamaVLM, expand
 from tests.conftest import ROOT
 
 C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])

@@ -129,7 +129,7 @@ def test_vlm_constrained_decoding_keeps_labels_and_forces_them(tiny_repo: Path) 
 
     from src.contract import Contract
     from src.llama_runtime import LlamaVLM
-    from src.release import BUNDLE
+    from src.artifacts import BUNDLE
 
     paths = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["vars"][0]["paths"]
     bundle = tiny_repo / paths["release"]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.label import label_stage
+from src.stages.label import label_stage
 from src.params import stage_params
 from src.records import read_jsonl, sha256, write_jsonl
 from tests.openai_server import FakeOpenAI
@@ -277,7 +277,7 @@ def repo_copy(tmp: Path, **changes: Any) -> Path:
 
 
 def stage_cmd(repo: Path) -> list[str]:
-    return [sys.executable, "-m", "src.label", "data/resize256", "data/label", "metrics/label.json",
+    return [sys.executable, "-m", "src.stages.label", "data/resize256", "data/label", "metrics/label.json",
             "--cache", ".cache/label", "--overrides", "data/label_overrides.csv"]
 
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from src.contract import Contract
-from src.convert_gguf import text_gguf, the_mmproj
-from src.eval_parity import gates, ladder
+from src.artifacts import text_gguf, the_mmproj
+from src.gates import gates
+from src.stages.eval_parity import ladder
 from src.llama_runtime import LlamaVLM
 from src.records import read_jsonl
 from tests.conftest import run

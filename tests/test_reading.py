@@ -24,7 +24,7 @@ from src.canvas import decode, to_canvas
 from src.contract import Contract
 from src.reading import GENERATES, OVERCOMES, MEANING, ReadingError, canvases, default_bundle, links, load_bundle, \
     reading_text, relation
-from src.release import BUNDLE
+from src.artifacts import BUNDLE
 from tests.conftest import ROOT
 
 CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])

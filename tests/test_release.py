@@ -23,7 +23,7 @@ import yaml
 
 from src.contract import Contract
 from src.grammar import gbnf
-from src.release import BUNDLE, PLOTS
+from src.artifacts import BUNDLE, PLOTS
 from tests.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_release_refuses_when_a_gate_fails(tiny_repo: Path, tmp_path: Path) -> N
     parity["agreement"]["q8_0"] = 0.5
     (tmp_path / "parity.json").write_text(json.dumps(parity))
     out = tmp_path / "release"
-    res = run(["python", "-m", "src.release", p["quantize_q8"], p["convert_gguf"], p["split"], p["resize256"],
+    res = run(["python", "-m", "src.stages.release", p["quantize_q8"], p["convert_gguf"], p["split"], p["resize256"],
                str(tmp_path / "parity.json"), p["parity_images"], p["m_finetune"], str(out), str(tmp_path / "plots")],
               tiny_repo, check=False)
     assert res.returncode != 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src import download, resize256
+from src.stages import download, resize256
 from src.canvas import BadImage, canvas_png, decode, to_canvas
 from src.contract import CanvasSpec
 from src.records import read_jsonl, sha256
@@ -193,7 +193,7 @@ N_KILL = 80
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
-from src import resize256
+from src.stages import resize256
 from tests.test_resize256 import SPEC
 resize256.run(Path(sys.argv[1]), Path(sys.argv[2]), SPEC, 1)
 """

@@ -3,7 +3,7 @@
 Inputs:  LABEL/labels.jsonl.
 Outputs: OUT/train.jsonl, OUT/val.jsonl, OUT/test.jsonl: id, canvas, canvas_sha256, element.
 Params:  split.seed, split.val, split.test
-Command: python -m src.split data/label data/split
+Command: python -m src.stages.split data/label data/split
 
 Identical canvases (same sha256) always land in the same part, so a duplicate
 photo cannot leak from train into test.

@@ -11,7 +11,7 @@ Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
 Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, finetune.base.* and the
          training params the card reports, quantize_q8.ftype, release.grid.*
-Command: python -m src.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
+Command: python -m src.stages.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
              metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
              metrics/release
 
@@ -38,16 +38,12 @@ from PIL import Image
 
 from src import plots
 from src.contract import Contract
-from src.convert_gguf import text_gguf, the_mmproj
+from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
+from src.gates import gates
 from src.grammar import gbnf
 from src.params import stage_params
 from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
-# The bundle's file names: the app and src/reading.py open these, whatever the upstream names were.
-BUNDLE = {"model": "model.gguf", "mmproj": "mmproj.gguf", "contract": "contract.json", "grammar": "grammar.gbnf",
-          "card": "model_card.json", "card_md": "model_card.md"}
-PLOTS = {"confusion": "confusion.png", "per_class": "per_class_accuracy.png", "grid": "sample_grid.png"}
-SPLITS = ("train", "val", "test")
 CODE = ("src", "params.yaml", "dvc.yaml")  # what "dirty" is about: the code and config the bundle came from
 
 
@@ -203,8 +199,6 @@ def main() -> None:
     p = stage_params("release")
     contract = Contract.from_dict(p["contract"])
     parity = json.loads(args.parity.read_text())
-    from src.eval_parity import gates  # imports torch; only this check needs it
-
     fails = gates(parity, p["eval_parity"], {})  # the DAG already orders release after a green eval_parity;
     if fails:                                    # this also stops `dvc repro -s release` on stale metrics
         raise SystemExit("release: parity gates fail, nothing released\n  " + "\n  ".join(fails))

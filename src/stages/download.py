@@ -8,7 +8,7 @@ Outputs: OUT/images/<sha256>.<ext> (each distinct content once) and OUT/manifest
          METRICS: counts (items, ok, failed, duplicates, failure_rate, errors by kind, formats).
 Params:  download.source, download.demo.*, download.manifest.path, download.folder.*,
          download.hf.*, download.http.*, download.max_failure_rate, contract.labels
-Command: python -m src.download data/download metrics/download.json
+Command: python -m src.stages.download data/download metrics/download.json
 
 Remote items are fetched over http/https only (other schemes are refused, also as a
 redirect target), by a bounded thread pool, with a total timeout per attempt, retries

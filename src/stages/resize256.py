@@ -5,7 +5,7 @@ Outputs: OUT/canvases/<canvas sha256>.png, OUT/records.jsonl (one record per inp
          manifest order: id, url, sha256, label, status "ok"|"rejected", reason, canvas,
          canvas_sha256) and OUT/summary.json (inputs = written + rejected, rejections by cause).
 Params:  contract.canvas.*, resize256.workers (processes; 0 = one per core)
-Command: python -m src.resize256 data/download data/resize256
+Command: python -m src.stages.resize256 data/download data/resize256
 
 The canvas is `src.canvas`: `decode` then `to_canvas`, PNG-encoded by `canvas_png`, so
 every byte is a function of the input bytes and the contract. A bad file (not an image,
@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.canvas import BadImage, canvas_png, decode, to_canvas
+from src.canvas import BadImage, render_png
 from src.contract import CanvasSpec
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
@@ -42,11 +42,6 @@ RESULT_KEYS = ("status", "reason", "canvas", "canvas_sha256")
 def spec_key(spec: CanvasSpec) -> str:
     """Journal entries are only reused under the same canvas contract."""
     return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def render(data: bytes, spec: CanvasSpec) -> bytes:
-    """Photo bytes -> canvas PNG bytes (raises BadImage)."""
-    return canvas_png(to_canvas(decode(data, spec), spec))
 
 
 def _rejected(reason: str) -> dict[str, Any]:
@@ -63,7 +58,7 @@ def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
     if sha256(data) != expected_sha:
         return _rejected(f"corrupt input: {path.name} does not match the manifest's sha256")
     try:
-        png = render(data, spec)
+        png = render_png(data, spec)
     except BadImage as e:
         return _rejected(str(e))
     except Exception as e:  # a codec bug must not take the stage down; counted under its own cause

@@ -3,7 +3,7 @@
 Inputs:  FINETUNE/ (safetensors, config with geometry and EOS written by finetune).
 Outputs: OUT/text-<outtype>.gguf for each convert_gguf.text_outtypes, OUT/mmproj-<outtype>.gguf.
 Params:  convert_gguf.text_outtypes, convert_gguf.mmproj_outtype
-Command: python -m src.convert_gguf models/finetune models/convert_gguf
+Command: python -m src.stages.convert_gguf models/finetune models/convert_gguf
 """
 
 from __future__ import annotations
@@ -13,24 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from src.artifacts import mmproj_gguf, text_gguf
 from src.llama_build import convert
 from src.params import stage_params
 
-
-def text_gguf(out: Path, outtype: str) -> Path:
-    return out / f"text-{outtype}.gguf"
-
-
-def mmproj_gguf(out: Path, outtype: str) -> Path:
-    return out / f"mmproj-{outtype}.gguf"
-
-
-def the_mmproj(out: Path) -> Path:
-    """The one mmproj a conversion wrote, whatever its outtype."""
-    found = sorted(out.glob("mmproj-*.gguf"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"{out}: expected one mmproj-*.gguf, found {[f.name for f in found]}")
-    return found[0]
 
 
 def main() -> None:

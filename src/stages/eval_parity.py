@@ -6,7 +6,7 @@ Inputs:  SPLIT/test.jsonl, the canvases (RESIZE256) and original photos (DOWNLOA
 Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: truth, answers, first-token
          label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
 Params:  contract.*, eval_parity.*
-Command: python -m src.eval_parity data/split data/resize256 data/download models/finetune \
+Command: python -m src.stages.eval_parity data/split data/resize256 data/download models/finetune \
              models/convert_gguf models/quantize_q8 metrics/parity.json metrics/parity_images.csv \
              metrics/parity_confusion.json
 
@@ -37,8 +37,10 @@ from tqdm import tqdm
 from src import vlm
 from src.canvas import android_canvas, canvas_png, decode, to_canvas
 from src.contract import Contract
-from src.convert_gguf import text_gguf, the_mmproj
-from src.llama_runtime import Chunk, LlamaVLM
+from src.artifacts import text_gguf, the_mmproj
+from src.answers import kl, parse_answer, softmax
+from src.gates import gates
+from src.llama_runtime import LlamaVLM, expand
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_text_atomic
 
@@ -57,31 +59,6 @@ class Row:
     probs: dict[str, list[float]] = field(default_factory=dict)  # side -> first-token label probabilities
 
 
-def parse_answer(text: str, stopped: bool, contract: Contract) -> str | None:
-    """The label, if the answer is exactly one label and generation stopped within the budget."""
-    for label in contract.labels:
-        if stopped and text == contract.target.text(label):
-            return label
-    return None
-
-
-def expand(chunks: list[Chunk], image_token_id: int) -> list[int]:
-    """llama.cpp's layout as one id list, image positions written as the HF image token."""
-    ids: list[int] = []
-    for c in chunks:
-        ids.extend(c.tokens if c.kind == "text" else [image_token_id] * c.n_tokens)
-    return ids
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))))
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)  # 99 dB stands for identical
@@ -93,29 +70,6 @@ def canvas_rung(photo: bytes, stored: bytes, contract: Contract) -> tuple[Image.
     train, android = to_canvas(img, contract.canvas), android_canvas(img, contract.canvas)
     a, b = np.asarray(train), np.asarray(android)
     return train, android, float(np.abs(a.astype(int) - b.astype(int)).max()), psnr(a, b), canvas_png(train) == stored
-
-
-def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]]) -> list[str]:
-    """One message per failed rung, naming it and up to ten offending images."""
-    def names(rung: str) -> str:
-        ids = offenders.get(rung, [])
-        return f" ({len(ids)} images: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})" if ids else ""
-
-    fails = []
-    if not m["eos"]["ok"]:
-        fails.append(f"rung eos: contract EOS {m['eos']['contract']!r}, HF generation config {m['eos']['hf']!r}, "
-                     f"GGUF {m['eos']['gguf']!r}")
-    if m["layout"]["identical_rate"] < g["min_layout_identical_rate"]:
-        fails.append(f"rung layout: identical_rate {m['layout']['identical_rate']:.3f} < "
-                     f"{g['min_layout_identical_rate']}" + names("layout"))
-    if m["agreement"]["f16"] < g["min_agreement_f16"]:
-        fails.append(f"rung agreement.f16: {m['agreement']['f16']:.3f} < {g['min_agreement_f16']}" + names("f16"))
-    if m["agreement"]["q8_0"] < g["min_agreement_q8_0"]:
-        fails.append(f"rung agreement.q8_0: {m['agreement']['q8_0']:.3f} < {g['min_agreement_q8_0']}" + names("q8_0"))
-    if m["invalid_rate"]["q8_0"] > g["max_invalid_rate_q8_0"]:
-        fails.append(f"rung invalid_rate.q8_0: {m['invalid_rate']['q8_0']:.3f} > {g['max_invalid_rate_q8_0']}"
-                     + names("invalid_q8_0"))
-    return fails
 
 
 def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photos: dict[str, bytes],

@@ -3,7 +3,7 @@
 Inputs:  CONVERT_GGUF/text-f32.gguf (quantising from f32 avoids rounding twice, via f16).
 Outputs: OUT/text-q8_0.gguf
 Params:  quantize_q8.ftype
-Command: python -m src.quantize_q8 models/convert_gguf models/quantize_q8
+Command: python -m src.stages.quantize_q8 models/convert_gguf models/quantize_q8
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from src.convert_gguf import text_gguf
+from src.artifacts import text_gguf
 from src.llama_runtime import silence
 from src.params import stage_params
 

@@ -9,7 +9,7 @@ Outputs: OUT/labels.jsonl, one record per canvas: id, canvas, canvas_sha256, ele
 Params:  label.provider, label.max_failure_rate, label.concurrency, label.max_attempts,
          label.answer_attempts, label.backoff_s, label.teacher.*, label.batch.*, label.price.*,
          contract.labels
-Command: python -m src.label data/resize256 data/label metrics/label.json \
+Command: python -m src.stages.label data/resize256 data/label metrics/label.json \
              --cache .cache/label --overrides data/label_overrides.csv
 
 Provider `manifest` (the default: no key, no network) takes the label the source

@@ -1,0 +1,140 @@
+"""Each stage's code dependencies, derived from its imports, so `dvc.yaml` cannot miss one.
+
+DVC reruns a stage when a file in its `deps` changes. A stage's code is its module
+under `src/stages/` plus every `src/` module it imports, directly or through another
+module; a list kept by hand goes stale the day someone adds an import. This walks the
+imports (the AST, nothing is executed) and writes the list into `dvc.yaml`, keeping
+the data deps and the comments as they are.
+
+Command: python -m src.deps            # check: exit 1 and name what differs
+         python -m src.deps --write    # rewrite the code deps of every stage in dvc.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+from src.params import ROOT
+
+STAGES = "src/stages"
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """`src.vlm` -> src/vlm.py (or a package's __init__.py); None outside `src`."""
+    if name != "src" and not name.startswith("src."):
+        return None
+    base = root / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imports(path: Path, root: Path) -> set[Path]:
+    """The `src` files `path` imports (at any depth of the file: lazy imports count too)."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from src import vlm` imports src/vlm.py; `from src.x import f` imports src/x.py
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            f = module_file(name, root)
+            if f is not None and f.name != "__init__.py":
+                found.add(f)
+    return found
+
+
+def closure(start: Path, root: Path) -> set[Path]:
+    """`start` and every `src` file reachable from it by imports."""
+    seen, todo = {start}, [start]
+    while todo:
+        for f in imports(todo.pop(), root) - seen:
+            seen.add(f)
+            todo.append(f)
+    return seen
+
+
+def code_deps(stage: str, root: Path = ROOT) -> list[str]:
+    """The sorted repo-relative code files stage `stage` runs."""
+    start = root / STAGES / f"{stage}.py"
+    return sorted(p.relative_to(root).as_posix() for p in closure(start, root))
+
+
+def is_code(dep: str) -> bool:
+    return dep.startswith("src/") and dep.endswith(".py")
+
+
+def stage_imports_stage(root: Path = ROOT) -> list[str]:
+    """'a imports b' for every stage module that imports another stage module."""
+    out = []
+    for f in sorted((root / STAGES).glob("*.py")):
+        for g in sorted(imports(f, root)):
+            if g.parent == root / STAGES and g != f:
+                out.append(f"{f.relative_to(root)} imports {g.relative_to(root)}")
+    return out
+
+
+def diff(dvc_yaml: Path, root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
+    """{stage: (missing, extra)} for every stage whose declared code deps differ from the derived ones."""
+    import yaml
+
+    out = {}
+    for name, st in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        declared = {d for d in st.get("deps", []) if is_code(d)}
+        derived = set(code_deps(name, root))
+        if declared != derived:
+            out[name] = (sorted(derived - declared), sorted(declared - derived))
+    return out
+
+
+def write(dvc_yaml: Path, root: Path = ROOT) -> list[str]:
+    """Rewrite each stage's code deps in place (round-trip YAML: comments and order survive)."""
+    from ruamel.yaml import YAML  # DVC's own YAML library, so it is always installed with DVC
+
+    y = YAML()
+    y.preserve_quotes = True
+    y.width = 120
+    y.indent(mapping=2, sequence=4, offset=2)  # the layout dvc.yaml is written in
+    doc = y.load(dvc_yaml.read_text())
+    changed = []
+    for name, st in doc["stages"].items():
+        deps = st.get("deps", [])
+        data = [d for d in deps if not is_code(d)]
+        new = code_deps(name, root) + data
+        if list(deps) != new:
+            changed.append(name)
+            deps.clear()
+            deps.extend(new)
+            if hasattr(deps, "fa"):
+                deps.fa.set_block_style()
+    if changed:
+        with dvc_yaml.open("w") as f:
+            y.dump(doc, f)
+    return changed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps")
+    args = ap.parse_args()
+    dvc_yaml = ROOT / "dvc.yaml"
+    if args.write:
+        changed = write(dvc_yaml)
+        print(f"deps: {'rewrote ' + ', '.join(changed) if changed else 'nothing to change'} in {dvc_yaml}")
+        return
+    problems = [f"{s}: missing {m or '-'}; not imported {x or '-'}" for s, (m, x) in diff(dvc_yaml).items()]
+    problems += stage_imports_stage()
+    if problems:
+        sys.exit("deps: dvc.yaml's code deps differ from the imports (run `python -m src.deps --write`):\n  "
+                 + "\n  ".join(problems))
+    print("deps: every stage's code deps in dvc.yaml match its imports")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Fine-tuning pieces: the base model, LoRA, examples, the loss, evaluation and resumable checkpoints.
+
+`src/stages/finetune.py` runs them as a stage; the benchmark times the same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from src import vlm
+from src.contract import PromptSpec, TargetSpec, VisionSpec
+from src.records import write_text_atomic
+
+
+class NullLive:
+    """Stands in for DVCLive on processes other than the main one."""
+
+    def __enter__(self) -> NullLive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def log_metric(self, name: str, value: float) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
+
+
+@dataclass
+class Example:
+    id: str
+    label: str
+    tensors: dict[str, torch.Tensor]  # input_ids, labels, pixel_values, pixel_attention_mask
+    hidden: torch.Tensor | None = None  # cached vision encoder output
+
+
+def base_model(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> tuple[Any, Any]:
+    """The base model named by finetune.base.source, configured by the contract."""
+    source = base["source"]
+    if source == "builder":
+        model, processor = vlm.build(vlm.BuilderSpec(**base["builder"]), vision)
+    elif source == "hub":
+        # A branch name would let the same params train on different weights tomorrow.
+        if not re.fullmatch(r"[0-9a-f]{40}", base["revision"] or ""):
+            raise SystemExit(f"finetune.base.revision={base['revision']!r}: pin the hub model to a 40-hex commit sha")
+        model, processor = vlm.load(base["hub_id"], base["revision"])
+    elif source == "local":
+        model, processor = vlm.load(base["local_dir"])
+    else:
+        raise SystemExit(f"finetune.base.source={source!r}: expected builder, hub or local")
+    vlm.configure(model, processor, vision, target)
+    return model, processor
+
+
+def lora(model: Any, ft: dict[str, Any], answer_ids: list[int]) -> Any:
+    """LoRA on the language model; `train_full` modules and the answer tokens' embedding rows train fully.
+
+    Training the label and EOS rows of the (tied) embedding lets even a small randomly initialised
+    model make its answers confident, so greedy decoding and Q8_0 rounding agree on them.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = "|".join(ft["lora"]["targets"])
+    config = LoraConfig(r=ft["lora"]["r"], lora_alpha=ft["lora"]["alpha"], lora_dropout=ft["lora"]["dropout"],
+                        target_modules=rf".*text_model.*\.({targets})", modules_to_save=list(ft["train_full"]),
+                        trainable_token_indices={"embed_tokens": answer_ids} if ft["train_answer_tokens"] else None)
+    return get_peft_model(model, config)
+
+
+def load_examples(rows: list[dict[str, Any]], canvases: Path, processor: Any, prompt: PromptSpec,
+                  labels: tuple[str, ...], target: TargetSpec, desc: str) -> list[Example]:
+    out = []
+    for r in tqdm(rows, desc=f"render {desc}"):
+        with Image.open(canvases / r["canvas"]) as img:
+            t = vlm.training_example(processor, prompt, labels, target, img.convert("RGB"), r["element"])
+        out.append(Example(r["id"], r["element"], t))
+    return out
+
+
+def batch_loss(model: Any, batch: list[Example], pad_id: int, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over answer tokens, first-answer-position logits) for a batch."""
+    b = {k: v.to(model.device) for k, v in vlm.collate([e.tensors for e in batch], pad_id).items()}
+    text = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
+    if cached:
+        out = vlm.forward_from_hidden(model, torch.stack([e.hidden for e in batch]).to(model.device), **text)
+    else:
+        out = model(pixel_values=b["pixel_values"], pixel_attention_mask=b["pixel_attention_mask"], **text)
+    first = (b["labels"] != -100).int().argmax(dim=1) - 1  # position that predicts the label token
+    return out.loss, out.logits[torch.arange(len(batch)), first].cpu()
+
+
+def evaluate(model: Any, examples: list[Example], pad_id: int, cached: bool, label_ids: list[int],
+             labels: tuple[str, ...], batch_size: int) -> tuple[float, float]:
+    """(accuracy of the argmax over label tokens, mean answer loss)."""
+    model.eval()
+    correct, losses = 0, []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            loss, logits = batch_loss(model, batch, pad_id, cached)
+            pred = logits[:, label_ids].argmax(dim=1)
+            correct += sum(labels[int(p)] == e.label for p, e in zip(pred, batch))
+            losses.append(float(loss) * len(batch))
+    return correct / max(1, len(examples)), sum(losses) / max(1, len(examples))
+
+
+def trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What a checkpoint was trained on; a checkpoint with another fingerprint is not resumed."""
+    blob = json.dumps([params, [(r["canvas_sha256"], r["element"]) for r in rows]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                    best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Safetensors for tensors (no pickles), JSON for the rest; state.json last marks it complete."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable(model), tmp / "last.safetensors")
+    save_file(best, tmp / "best.safetensors")
+    # keyed by the parameter's index, not by opt.state order: a parameter without a gradient has no state
+    opt_tensors = {f"{i}.{k}": v for i, q in enumerate(params) for k, v in opt.state.get(q, {}).items()}
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    write_text_atomic(tmp / "state.json", json.dumps(state, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(ckpt: Path, model: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                    fp: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    if not (ckpt / "state.json").exists():
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    if state["fingerprint"] != fp:
+        print(f"finetune: {ckpt} was trained on other data or params; starting afresh")
+        return None
+    model.load_state_dict(load_file(ckpt / "last.safetensors"), strict=False)
+    flat = load_file(ckpt / "optimizer.safetensors")
+    for i, p in enumerate(params):
+        if f"{i}.step" in flat:
+            opt.state[p] = {k: flat[f"{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+    return load_file(ckpt / "best.safetensors"), state
