@@ -48,7 +48,7 @@ def audit_html(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, .
            + "</p>"]
     for g in order:
         out.append(f"<h2 id='{e(g)}'>{e(g)} ({len(groups[g])})</h2>")
-        for r in sorted(groups[g], key=lambda r: r["id"]):
+        for r in sorted(groups[g], key=lambda r: r.get("name") or r["id"]):
             cls = "failed" if r["status"] != "ok" else "override" if r["provider"] == "override" else ""
             why = r["reason"] if r["status"] == "ok" else r["error"]
             src = thumbnail(resize256 / r["canvas"]) if r.get("canvas") else ""

@@ -200,7 +200,7 @@ def main() -> None:
     write_json(args.confusion, [{"truth": r.truth, "predicted": r.answers["q8_0"] or "invalid"} for r in out])
     fails = gates(metrics, g, offenders)
     if fails:
-        raise ParityError("eval_parity: PARITY gate failed (the runtimes disagree; see " f"{args.images})\n  "
+        raise ParityError(f"eval_parity: PARITY gate failed (the runtimes disagree; see {args.images})\n  "
                           + "\n  ".join(fails))
     inv = metrics["invalid_rate"]["every_runtime"]
     if inv:  # not a parity failure: said here so nobody reads it as one; release's quality gate judges it
