@@ -1,7 +1,7 @@
 """label: give every canvas one element of the contract's label set.
 
 Inputs:  RESIZE256/records.jsonl (and its canvases), OVERRIDES (a tracked CSV of human labels).
-Outputs: OUT/labels.jsonl, one record per canvas: id, canvas, canvas_sha256, element,
+Outputs: OUT/labels.jsonl, one record per canvas: id, name, canvas, canvas_sha256, element,
          status (ok|failed), error, provider (manifest|teacher|override), reason;
          OUT/audit.html, the canvases grouped by element with their reasons, for review;
          METRICS: counts, label distribution, requests, cache hits, tokens, estimated cost.
