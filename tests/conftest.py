@@ -62,10 +62,11 @@ def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
     """A fresh git + DVC repo holding this project's code and params (with overrides)."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
+    for name in ("dvc.yaml", "runtime.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
         if (ROOT / name).exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "data" / "sources", dest / "data" / "sources")  # the sources' empty placeholders
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for k, v in overrides.items():
         set_param(params, k, v)

@@ -23,7 +23,7 @@ from tests.test_download import png_header_only, tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
-CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t")
+CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
 
 
 def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -92,7 +92,7 @@ def pipeline(tmp: Path, files: dict[str, bytes], spec: CanvasSpec = SPEC, worker
         (src / name).write_bytes(data)
     dl = tmp / "dl"
     if not (dl / "manifest.jsonl").exists():
-        download.run(folder_items(src, False), dl, tmp / "dl.json", CFG, max_failure_rate=1.0)
+        download.run(folder_items(src, False, ()), dl, tmp / "dl.json", CFG, max_failure_rate=1.0)
     out = tmp / f"rs-{spec.exif}-{workers}"
     summary = resize256.run(dl, out, spec, workers)
     names = {r["id"]: r["url"].removeprefix("folder:") for r in read_jsonl(dl / "manifest.jsonl")}
@@ -179,7 +179,7 @@ def test_missing_or_altered_input_files_are_rejected_not_fatal(tmp_path: Path) -
     src.mkdir()
     for k, v in files.items():
         (src / k).write_bytes(v)
-    download.run(folder_items(src, False), tmp_path / "dl", tmp_path / "dl.json", CFG, 1.0)
+    download.run(folder_items(src, False, ()), tmp_path / "dl", tmp_path / "dl.json", CFG, 1.0)
     rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
     (tmp_path / "dl" / rows[0]["path"]).unlink()
     (tmp_path / "dl" / rows[1]["path"]).write_bytes(b"changed")
@@ -199,7 +199,7 @@ resize256.run(Path(sys.argv[1]), Path(sys.argv[2]), SPEC, 1)
 """
 
 
-def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterrupted_run(
+def test_two_sigkills_and_a_torn_journal_then_rerun_renders_only_the_rest_and_matches_an_uninterrupted_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, dl = tmp_path / "photos", tmp_path / "dl"
     src.mkdir()
@@ -207,10 +207,14 @@ def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterr
     for i in range(N_KILL):
         small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((640, 480))
         (src / f"{i:03d}.jpg").write_bytes(save(small, "JPEG"))
-    download.run(folder_items(src, False), dl, tmp_path / "dl.json", CFG, 0.0)
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
     out = tmp_path / "killed"
     journaled = len(kill_midway(KILL_SCRIPT, [str(dl), str(out)], out / "journal.jsonl", 10, timeout_s=30))
     assert 10 <= journaled < N_KILL and not (out / "records.jsonl").exists()  # it really died midway
+    with (out / "journal.jsonl").open("a") as f:  # what a kill in the middle of an append leaves
+        f.write('{"sha256": "torn", "sp')
+    journaled = len(kill_midway(KILL_SCRIPT, [str(dl), str(out)], out / "journal.jsonl", journaled + 10, timeout_s=30))
+    assert journaled < N_KILL and not (out / "records.jsonl").exists()  # killed a second time
     capsys.readouterr()
     resize256.run(dl, out, SPEC, 2)
     assert f"; {journaled} resumed ->" in capsys.readouterr().out  # rendered only what the journal lacked
