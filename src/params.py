@@ -105,9 +105,11 @@ def stage_params(stage: str, root: Path = ROOT) -> dict[str, Any]:
     except ParamsError as e:
         fail(e.lines)
     keys = declared(stage, root / "dvc.yaml")
-    if RUNTIME in keys:
+    out = select(params, keys["params.yaml"], source)
+    if RUNTIME in keys:  # handed over as out["runtime"]: the model card reports the versions
         pins = yaml.safe_load((root / RUNTIME).read_text())
-        bad = runtime_mismatches({k: _get(pins, k, root / RUNTIME) for k in keys[RUNTIME]})
+        out["runtime"] = {k: str(_get(pins, k, root / RUNTIME)) for k in keys[RUNTIME]}
+        bad = runtime_mismatches(out["runtime"])
         if bad:
             fail(bad)
-    return select(params, keys["params.yaml"], source)
+    return out

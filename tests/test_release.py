@@ -75,9 +75,10 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert card["params"]["finetune"]["epochs"] == params["finetune"]["epochs"]
     for name, h in card["files"].items():
         assert h["md5"] == md5(tiny_repo / p["release"] / name), name
-    # the commit the bundle was built from, and the md5s dvc.lock holds for the stage's inputs
-    head = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
-    assert card["provenance"]["git"]["commit"] == head
+    # what the bundle was built from: the md5s dvc.lock holds for the stage's inputs, the runtime pins;
+    # no git commit (it does not exist yet when the bundle is written; the release's tag names it)
+    assert card["provenance"]["runtime"] == yaml.safe_load((tiny_repo / "runtime.yaml").read_text())
+    assert "git" not in card["provenance"]
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
     assert card["provenance"]["dvc_deps_md5"][p["quantize_q8"]] == lock["quantize_q8"]["outs"][0]["md5"]
     deps = {d["path"]: d["md5"] for d in lock["release"]["deps"]}

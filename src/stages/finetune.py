@@ -128,9 +128,10 @@ def main() -> None:
     vlm.save(merged, processor, args.out)
     write_json(args.metrics, {"val_acc": state["best"]["val_acc"], "val_loss": state["best"]["val_loss"],
                               "best_epoch": state["best"]["epoch"], "epochs": state["epoch"],
-                              "samples_per_s": round(state.get("samples_per_s", 0.0), 2),
                               "feature_cache": cached, "n_train": len(train), "n_val": len(val)})
-    print(f"finetune: best val_acc {state['best']['val_acc']:.3f} at epoch {state['best']['epoch']} -> {args.out}")
+    # A timing is printed, never written into an output: it would change a hash on every machine.
+    print(f"finetune: best val_acc {state['best']['val_acc']:.3f} at epoch {state['best']['epoch']} "
+          f"({state.get('samples_per_s', 0.0):.1f} samples/s) -> {args.out}")
 
 
 if __name__ == "__main__":
