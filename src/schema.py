@@ -374,8 +374,8 @@ def _show(value: Any) -> str:
 
 def _expected(err: dict[str, Any]) -> str:
     t, ctx = err["type"], err.get("ctx", {})
-    if t == "literal_error":
-        return "one of " + ctx.get("expected", "").replace("'", "")
+    if t == "literal_error":  # pydantic says "'a', 'b' or 'c'"
+        return "one of " + ctx.get("expected", "").replace(" or ", ", ").replace("'", "")
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
               "less_than_equal": "<= {le}"}
     if t in bounds:
@@ -405,6 +405,8 @@ def _line(err: dict[str, Any], source: str) -> str:
         expected = "one of " + ", ".join(known)
     elif err["type"] == "missing":
         return f"{source}: {'.'.join(map(str, loc))}: missing; expected {_expected(err)}"
+    elif err["type"] == "literal_error":
+        why, expected = "not a known value", _expected(err)
     else:
         why = err["msg"].replace("Input should be", "should be").replace("String should", "should")
         if err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "int_from_float"):

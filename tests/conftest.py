@@ -58,8 +58,8 @@ def kill_midway(script: str, args: list[str], journal: Path, rows: int, timeout_
     return read_jsonl(journal)
 
 
-def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
-    """A fresh git + DVC repo holding this project's code and params (with overrides)."""
+def copy_project(dest: Path, overrides: dict[str, Any]) -> Path:
+    """This project's code, pipeline and params (with overrides) in `dest`: enough to run a stage there."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "runtime.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
@@ -76,6 +76,12 @@ def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
     for vendor in (ROOT / ".cache").glob("llama.cpp-*"):
         (dest / ".cache" / vendor.name).symlink_to(vendor)
     (dest / ".gitignore").write_text("/.cache/\n__pycache__/\n")
+    return dest
+
+
+def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
+    """A fresh git + DVC repo holding this project's code and params (with overrides)."""
+    copy_project(dest, overrides)
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
     run(["dvc", "init", "-q"], dest)
