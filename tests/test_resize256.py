@@ -221,3 +221,22 @@ def test_two_sigkills_and_a_torn_journal_then_rerun_renders_only_the_rest_and_ma
     resize256.run(dl, tmp_path / "clean", SPEC, 2)
     assert tree(out) == tree(tmp_path / "clean")
     assert not (out / "journal.jsonl").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_rerun_renders_only_new_photos_and_a_new_contract_renders_all(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dl, out = tmp_path / "photos", tmp_path / "dl", tmp_path / "rs"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i}.png").write_bytes(save(Image.new("RGB", (30 + i, 20), (i, 2 * i, 3 * i)), "PNG"))
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
+    resize256.run(dl, out, SPEC, 1)
+    (src / "new.png").write_bytes(save(Image.new("RGB", (50, 10), 9), "PNG"))
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
+    capsys.readouterr()
+    resize256.run(dl, out, SPEC, 1)  # the persisted output of the last run, as DVC leaves it
+    assert "; 6 resumed ->" in capsys.readouterr().out
+    resize256.run(dl, tmp_path / "clean", SPEC, 1)
+    assert tree(out) == tree(tmp_path / "clean")
+    resize256.run(dl, out, dataclasses.replace(SPEC, size=SPEC.size // 2), 1)
+    assert "; 0 resumed ->" in capsys.readouterr().out
