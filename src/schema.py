@@ -218,7 +218,7 @@ class Price(Section):
 class Label(Section):
     provider: Literal["manifest", "teacher"]
     max_failure_rate: Rate
-    concurrency: Annotated[int, Field(ge=1, le=256)]
+    concurrency: Annotated[int, Field(ge=1, le=1000)]
     max_attempts: Annotated[int, Field(ge=1, le=20)]
     answer_attempts: Annotated[int, Field(ge=1, le=10)]
     backoff_s: NonNegF
@@ -323,7 +323,7 @@ class QuantizeQ8(Section):
 
 
 class EvalParity(Section):
-    n_ctx: Annotated[int, Field(ge=256, le=131072)]
+    n_ctx: Annotated[int, Field(ge=512, le=131072)]
     min_agreement_f16: Rate
     min_agreement_q8_0: Rate
     max_invalid_rate_q8_0: Rate
