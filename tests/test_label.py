@@ -209,7 +209,7 @@ def test_teacher_fails_fast_on_a_missing_or_wrong_key(tmp_path: Path, monkeypatc
 
 
 def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
-    from src.teacher import AnswerCache
+    from src.label_cache import AnswerCache
 
     (tmp_path / "answers.jsonl").write_text('{"key": "a", "element": "fire"}\n{"key": "b", "elem')
     cache = AnswerCache(tmp_path)
@@ -219,7 +219,7 @@ def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
 
 
 def test_cache_key_is_canvas_model_prompt_schema() -> None:
-    from src.teacher import TeacherConfig, cache_key
+    from src.teacher.request import TeacherConfig, cache_key
 
     cfg = TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"])
     k = cache_key("a" * 64, cfg, LABELS)
