@@ -38,10 +38,12 @@ from typing import Any
 
 OFF_ENUM = "plasma"
 N_CTX = 2048  # llama-cpp-python's default context: where an answer without max_tokens stops
-# What llama-cpp-python 0.3.36 sends (HTTP 500) for OpenAI's json_schema form, as captured from it.
+# What llama-cpp-python 0.3.36 sends (HTTP 500) for OpenAI's json_schema form, as captured from it
+# (its install path shortened).
 LLAMA_CPP_REFUSAL = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
                      "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
-                     "'ctx': {'expected': \"'text' or 'json_object'\"}}")
+                     "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  File \"llama_cpp/server/app.py\", "
+                     "line 376, in create_chat_completion\n    POST /v1/chat/completions")
 
 
 @dataclass
