@@ -264,6 +264,14 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
         assert srv.chat_requests == 1
 
 
+def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, key: str) -> None:
+    make_canvases(tmp_path / "resize256", 2)
+    with pytest.raises(SystemExit, match=r"^label: label.teacher.response_format='xml': expected json_schema or json_object$"):
+        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="xml"))
+    with pytest.raises(SystemExit, match=r"label.teacher.max_tokens_field='n_predict': expected max_completion_tokens or max_tokens"):
+        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__max_tokens_field="n_predict"))
+
+
 def test_refused_field_reads_each_servers_complaint() -> None:
     from src.teacher.request import refused_field
 
