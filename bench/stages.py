@@ -15,9 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -44,58 +42,40 @@ def resize(quick: bool) -> dict[str, Any]:
 
 # -- label ---------------------------------------------------------------------------------------
 
-def _slow_openai(latency_s: float) -> type[BaseHTTPRequestHandler]:
-    """A chat-completions handler that sleeps `latency_s`, then answers `fire` with a reason."""
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a: Any) -> None:  # keep the bench output readable
-            pass
-
-        def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(latency_s)
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                   "role": "assistant", "content": json.dumps({"element": "fire", "reason": "red"})}}],
-                               "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-    return Handler
-
-
 def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> dict[str, Any]:
-    """Items/s of src.teacher's online client at each concurrency, same server, same items."""
-    from src import teacher
+    """Items/s of src.teacher's online client at each concurrency, same server (the tests' fake, with a
+    fixed latency per chat request), same items."""
+    from src.label_cache import AnswerCache
+    from src.teacher.client import teach
+    from src.teacher.request import Item, TeacherConfig
+    from tests.openai_server import FakeOpenAI
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _slow_openai(latency_s))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = "sk-loopback"  # a dummy for the loopback server
+    os.environ["BENCH_TEACHER_KEY"] = key
     tmp = Path(tempfile.mkdtemp(prefix="bench-label-"))
-    os.environ["BENCH_TEACHER_KEY"] = "sk-loopback"  # a dummy: the loopback server takes any key
     try:
-        pngs = []
-        for i, (canvas, _) in enumerate(demo_canvases(min(n, 10), c)):
-            pngs.append(tmp / f"{i}.png")
-            pngs[-1].write_bytes(canvas_png(canvas))
-        base = params()["label"]
-        res: dict[str, Any] = {"n": n, "latency_s": latency_s}
-        for w in workers:
-            lp = {**base, "concurrency": w, "teacher": {**base["teacher"], "base_url": f"http://127.0.0.1:{server.server_port}/v1",
-                                                        "api_key_env": "BENCH_TEACHER_KEY", "mode": "online"}}
-            cfg = teacher.TeacherConfig.from_params(lp)
-            items = [teacher.Item(f"{w}-{i}", f"{i}", pngs[i % len(pngs)]) for i in range(n)]
-            cache = teacher.AnswerCache(tmp / f"cache-{w}")
-            (tmp / f"cache-{w}").mkdir(exist_ok=True)
-            sec, (errors, _) = timed(lambda: teacher.teach(items, c.labels, cfg, cache, tmp / f"cache-{w}"))
-            if errors:
-                raise RuntimeError(f"loopback labelling failed: {list(errors.values())[:3]}")
-            res[f"concurrency_{w}"] = {"seconds": sec, "items_per_s": n / sec}
-        res["speedup"] = {w: res[f"concurrency_{w}"]["items_per_s"] / res[f"concurrency_{workers[0]}"]["items_per_s"]
-                          for w in workers}
-        return res
+        with FakeOpenAI({}, key, delay_s=latency_s) as server:  # unknown canvases answer the first label
+            pngs = []
+            for i, (canvas, _) in enumerate(demo_canvases(min(n, 10), c)):
+                pngs.append(tmp / f"{i}.png")
+                pngs[-1].write_bytes(canvas_png(canvas))
+            base = params()["label"]
+            res: dict[str, Any] = {"n": n, "latency_s": latency_s}
+            for w in workers:
+                lp = {**base, "concurrency": w, "teacher": {**base["teacher"], "base_url": server.base_url,
+                                                            "api_key_env": "BENCH_TEACHER_KEY", "mode": "online"}}
+                cfg = TeacherConfig.from_params(lp)
+                items = [Item(f"{w}-{i}", f"{i}", pngs[i % len(pngs)]) for i in range(n)]
+                (tmp / f"cache-{w}").mkdir(exist_ok=True)
+                cache = AnswerCache(tmp / f"cache-{w}")
+                sec, (errors, _) = timed(lambda: teach(items, c.labels, cfg, cache, tmp / f"cache-{w}"))
+                if errors:
+                    raise RuntimeError(f"loopback labelling failed: {list(errors.values())[:3]}")
+                res[f"concurrency_{w}"] = {"seconds": sec, "items_per_s": n / sec}
+            res["speedup"] = {w: res[f"concurrency_{w}"]["items_per_s"] / res[f"concurrency_{workers[0]}"]["items_per_s"]
+                              for w in workers}
+            return res
     finally:
-        server.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -46,9 +46,11 @@ def imports(path: Path, root: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from src import vlm` imports src/vlm.py; `from src.x import f` imports src/x.py
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        # importing src.teacher.client first runs src/teacher/__init__.py: every parent package counts
+        names = [".".join(n.split(".")[:i]) for n in names for i in range(2, n.count(".") + 2)]
         for name in names:
             f = module_file(name, root)
-            if f is not None and f.name != "__init__.py":
+            if f is not None:  # a package's __init__.py runs on import: it counts
                 found.add(f)
     return found
 
@@ -79,7 +81,7 @@ def stage_imports_stage(root: Path = ROOT) -> list[str]:
     out = []
     for f in sorted((root / STAGES).glob("*.py")):
         for g in sorted(imports(f, root)):
-            if g.parent == root / STAGES and g != f:
+            if g.parent == root / STAGES and g != f and g.name != "__init__.py":
                 out.append(f"{f.relative_to(root)} imports {g.relative_to(root)}")
     return out
 

@@ -190,6 +190,8 @@ class Teacher(Section):
     api_key_env: Text
     detail: Literal["low", "high", "auto"]
     max_tokens: Pos
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"]
+    response_format: Literal["json_schema", "json_object"]
     temperature: NonNegF | None
     timeout_s: PosF
     mode: Literal["online", "batch"]

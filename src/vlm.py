@@ -4,7 +4,9 @@ Training and eval_parity both build their inputs with `prompt_inputs` /
 `training_example`, so the prompt string, the image expansion and the target
 cannot differ between them. `configure` writes the contract's geometry and
 EOS into the processor and model configs, because llama.cpp's converter reads
-them from there: what is saved before conversion is what the app pays.
+them from there: what is saved before conversion is what the app pays. It also
+writes SmolVLM's own chat template (transformers' SmolVLM processor's), so the
+GGUF can be served as a chat VLM by llama.cpp servers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from transformers import (
     Idefics3Processor,
     PreTrainedModel,
 )
+
+from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
 
 from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
 from src.geometry import tokens_per_tile
@@ -135,6 +139,11 @@ def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: Visi
     model.config.text_config.eos_token_id = eos_id
     # The converter picks the text architecture from here; a config built in code lacks it.
     model.config.text_config.architectures = ["LlamaForCausalLM"]
+    # The converter copies this into the GGUF as tokenizer.chat_template, which llama.cpp servers
+    # render chat requests with; SmolLM2's (what the builder's tokenizer carries) cannot place an
+    # image part. The app sends the contract's raw prompt and never renders it.
+    tok.chat_template = SMOLVLM_CHAT_TEMPLATE
+    processor.chat_template = SMOLVLM_CHAT_TEMPLATE
 
 
 def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> None:
