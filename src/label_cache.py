@@ -17,22 +17,11 @@ from typing import Any
 from src.records import append_jsonl, read_jsonl
 
 
-def repair_tail(path: Path) -> None:
-    """Cut a torn last line (a SIGKILL mid-append), so the next append starts on a line of its own."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 class AnswerCache:
     """CACHE/answers.jsonl: one fsynced line per valid answer, keyed by `cache_key`; last line wins."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path) -> None:  # append_jsonl cuts a torn last line before it writes
         self.path = root / "answers.jsonl"
-        repair_tail(self.path)
         self._rows = {r["key"]: r for r in read_jsonl(self.path)}
         self._lock = threading.Lock()
 

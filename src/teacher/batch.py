@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from src.label_cache import AnswerCache, repair_tail
+from src.label_cache import AnswerCache
 from src.records import append_jsonl, read_jsonl
 from src.teacher.request import (
     BadAnswer,
@@ -39,7 +39,6 @@ class BatchLog:
 
     def __init__(self, root: Path) -> None:
         self.path = root / "batches.jsonl"
-        repair_tail(self.path)
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
