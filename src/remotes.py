@@ -44,7 +44,17 @@ class Remote:
 
     def label(self) -> str:
         endpoint = (self.fs_args.get("client_kwargs") or {}).get("endpoint_url")
-        return f"remote {self.name} ({self.url}" + (f", endpoint {endpoint})" if endpoint else ")")
+        return f"remote {self.name} ({redact(self.url)}" + (f", endpoint {redact(endpoint)})" if endpoint else ")")
+
+
+def redact(url: str) -> str:
+    """A URL without the password a `scheme://user:password@host` form would carry."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def resolve(name: str | None, root: str | None = None) -> Remote:

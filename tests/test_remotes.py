@@ -28,9 +28,8 @@ import pytest
 import yaml
 
 from tests.conftest import BIN, ROOT
+from src.remotes import redact
 from tests.remote_servers import SSHServer, S3Server, free_port, keygen, sshd_missing, start_s3, start_sshd, stop
-
-pytestmark = pytest.mark.slow
 
 NAME = "element-classifier"
 VERSION = "v0.1.0"
@@ -189,6 +188,7 @@ def assert_secret_nowhere(secret: str, tmp: Path, sh: Shell, server_logs: list[P
     assert (tmp / "site-cache").is_dir() and any((tmp / "site-cache").rglob("*"))  # the search looked somewhere real
 
 
+@pytest.mark.slow
 def test_s3_push_pull_and_app_build_get(s3: S3Server, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, tmp_path / "home"))
     creds = {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret}
@@ -202,6 +202,7 @@ def test_s3_push_pull_and_app_build_get(s3: S3Server, template: Path, tmp_path: 
     assert_secret_nowhere(s3.secret, tmp_path, sh, [s3.log])
 
 
+@pytest.mark.slow
 def test_ssh_push_pull_and_app_build_get(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, sshd.home))
     store = tmp_path / "ssh-store" / "smolvlm-elements"
@@ -246,6 +247,7 @@ S3_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(S3_CASES))
 def test_s3_broken_remote_gets_one_clear_line(case: str, s3: S3Server, template: Path, tmp_path: Path) -> None:
     conf, env_over, cause = S3_CASES[case]
@@ -262,6 +264,7 @@ def test_s3_broken_remote_gets_one_clear_line(case: str, s3: S3Server, template:
     assert all(s3.secret not in text for text in sh.printed)
 
 
+@pytest.mark.slow
 def test_s3_check_says_ok_for_a_good_remote(s3: S3Server, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, tmp_path / "home"))
     env = {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret}
@@ -274,6 +277,7 @@ def test_s3_check_says_ok_for_a_good_remote(s3: S3Server, template: Path, tmp_pa
                   "credentials accepted, nothing yet under ok-check\n"
 
 
+@pytest.mark.slow
 def test_ssh_wrong_endpoint(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, sshd.home))
     port = free_port()
@@ -283,6 +287,7 @@ def test_ssh_wrong_endpoint(sshd: SSHServer, template: Path, tmp_path: Path) -> 
     assert line == f"remote bad ({url}): cannot connect to {sshd.host}:{port}: connection refused (no SSH server listens there)"
 
 
+@pytest.mark.slow
 def test_ssh_wrong_key(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, sshd.home))
     other = tmp_path / "other_key"
@@ -303,6 +308,7 @@ def host_key_case(sshd: SSHServer, template: Path, tmp_path: Path, known_hosts: 
     return line, codes, url
 
 
+@pytest.mark.slow
 def test_ssh_host_key_mismatch(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     impostor = keygen(tmp_path / "impostor")
     line, codes, url = host_key_case(sshd, template, tmp_path, sshd.known_hosts_line(impostor))
@@ -313,6 +319,7 @@ def test_ssh_host_key_mismatch(sshd: SSHServer, template: Path, tmp_path: Path) 
     assert "but ~/.ssh/known_hosts records SHA256:" in line
 
 
+@pytest.mark.slow
 def test_ssh_host_not_in_known_hosts(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     line, codes, url = host_key_case(sshd, template, tmp_path, "")
     assert codes == 0 * 1000 + 1  # DVC pushes to an unknown host too
@@ -320,6 +327,7 @@ def test_ssh_host_not_in_known_hosts(sshd: SSHServer, template: Path, tmp_path: 
     assert line.endswith(f"add it: ssh-keyscan -p {sshd.port} {sshd.host} >> ~/.ssh/known_hosts")
 
 
+@pytest.mark.slow
 def test_ssh_check_says_ok_for_a_good_remote(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, sshd.home))
     repo = tmp_path / "repo"
@@ -329,3 +337,9 @@ def test_ssh_check_says_ok_for_a_good_remote(sshd: SSHServer, template: Path, tm
     out = sh(["python", "-m", "src.remotes", "check", "good"], repo).stdout
     assert out == (f"remote good ({url}): ok, host key matches ~/.ssh/known_hosts, login accepted, "
                    f"{tmp_path}/new-store not there yet (the first push makes it)\n")
+
+
+def test_check_lines_never_carry_a_url_password() -> None:
+    assert redact("ssh://dvc:hunter2@host:2222/srv/dvc") == "ssh://dvc:***@host:2222/srv/dvc"
+    assert redact("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert redact("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
