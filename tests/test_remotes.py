@@ -179,8 +179,18 @@ def round_trip(tmp: Path, template: Path, sh: Shell, url: str, committed: dict[s
     return times
 
 
+def git_objects(repo: Path) -> bytes:
+    """Every object of a repository, uncompressed (.git/objects is zlib: a byte search of the files misses it)."""
+    return subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True,
+                          check=True).stdout
+
+
 def assert_secret_nowhere(secret: str, tmp: Path, sh: Shell, server_logs: list[Path]) -> None:
     roots = [tmp / "team", tmp / "origin.git", tmp / "clone", tmp / "app", tmp / "site-cache"]
+    for repo in ("team", "origin.git", "clone"):
+        objects = git_objects(tmp / repo)
+        assert b"['remote \"team\"']" in objects  # the search sees the committed .dvc/config
+        assert secret.encode() not in objects, repo
     holders = files_holding(secret.encode(), roots + server_logs)
     # .dvc/config.local is where `dvc remote modify --local` keeps credentials; git ignores it (checked above)
     assert [p for p in holders if p.relative_to(tmp).parts[-2:] != (".dvc", "config.local")] == []
