@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from src import answers
 from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
 from src.geometry import tokens_per_tile
 
@@ -146,15 +147,8 @@ def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> Non
 
 
 def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
-    """One token per label (`prefix + label`); first-token scoring needs exactly that."""
-    ids = []
-    for label in labels:
-        toks = tokenizer(target.text(label), add_special_tokens=False).input_ids
-        if len(toks) != 1:
-            raise ValueError(f"label {label!r} written as {target.text(label)!r} is {len(toks)} tokens {toks}; "
-                             "the contract needs each label to be one token")
-        ids.append(toks[0])
-    return ids
+    """One token per label (`prefix + label`) in the transformers tokenizer; see answers.label_token_ids."""
+    return answers.label_token_ids(lambda text: tokenizer(text, add_special_tokens=False).input_ids, labels, target)
 
 
 def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],
