@@ -9,6 +9,8 @@ them from there: what is saved before conversion is what the app pays.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -63,12 +65,21 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
-def smollm2_tokenizer() -> Any:
-    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub)."""
+@functools.cache
+def _smollm2_tokenizer() -> Any:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
     return tok
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub).
+
+    Reading the GGUF takes seconds, so it is read once per process; each caller gets its own copy
+    (configure() sets the EOS on it).
+    """
+    return copy.deepcopy(_smollm2_tokenizer())
 
 
 def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:

@@ -27,8 +27,7 @@ from src.grammar import gbnf
 from src.artifacts import BUNDLE, PLOTS
 from src.plots import INVALID, per_class_accuracy
 from src.records import write_jsonl
-from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, git_state, grid_rows, \
-    model_card
+from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, grid_rows, model_card
 from tests.conftest import ROOT, run
 
 NAME = "element-classifier"
@@ -85,35 +84,19 @@ def test_dvc_hashes_come_from_the_lock_and_say_unknown_otherwise(tmp_path: Path)
     assert dvc_hashes(tmp_path / "absent.lock", [Path("models/q8")]) == {"models/q8": "unknown"}
 
 
-def test_git_state_names_the_commit_and_sees_a_dirty_tree(tmp_path: Path) -> None:
-    assert git_state(tmp_path) == {"commit": "uncommitted", "dirty": True}
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src/a.py").write_text("x = 1\n")
-    run(["git", "init", "-q"], tmp_path)
-    run(["git", "add", "-A"], tmp_path)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a"], tmp_path)
-    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
-    assert git_state(tmp_path) == {"commit": head, "dirty": False}
-    (tmp_path / "notes.txt").write_text("not code")
-    assert git_state(tmp_path)["dirty"] is False
-    (tmp_path / "src/b.py").write_text("y = 2\n")  # untracked code counts
-    assert git_state(tmp_path) == {"commit": head, "dirty": True}
-
-
 def test_card_states_metrics_data_and_files_for_people() -> None:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = {**yaml.safe_load((ROOT / "params.yaml").read_text()), "runtime": {"torch": "1.0"}}
     parity = {"accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0}}
     per_class = per_class_accuracy([A, A, B, D], [A, B, B, D], C.labels)
     counts = {s: {"n": 1, **{x: int(x == A) for x in C.labels}} for s in ("train", "val", "test")}
     files = {BUNDLE["model"]: {"bytes": 3, "md5": "m", "sha256": "s" * 64}}
-    card = model_card(C, p, parity, {"val_acc": 1.0}, per_class, counts, files, {"commit": "c0ffee", "dirty": True},
-                      {"models/q8": "abc"})
+    card = model_card(C, p, parity, {"val_acc": 1.0}, per_class, counts, files, {"models/q8": "abc"})
     assert card["labels"] == list(C.labels) and card["metrics"]["test_q8_0"]["accuracy"] == 0.75
     md = card_markdown(card)
     assert f"| {A} | 2 | 1 | 0.5 |" in md
     assert f"| train | 1 | {' | '.join('1' if x == A else '0' for x in C.labels)} |" in md
     assert f"| {BUNDLE['model']} | 3 | `{'s' * 64}` |" in md
-    assert "git c0ffee (dirty" in md and "`models/q8` md5 `abc`" in md
+    assert "`models/q8` md5 `abc`" in md and "Runtime: torch 1.0" in md
 
 
 @pytest.mark.slow
