@@ -26,10 +26,9 @@ from PIL import Image
 
 from src import demo
 from src.canvas import BadImage, canvas_png, render_png
-from src.contract import CanvasSpec
+from bench.common import contract
 
-SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
-LABELS = ("water", "land", "fire", "wood", "metal")
+SPEC, LABELS = contract().canvas, contract().labels  # what resize256 draws: params.yaml's contract
 
 
 def resize_for_android(image: Image.Image, target_size: int = 256) -> Image.Image:

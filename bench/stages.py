@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from bench.common import ROOT, demo_canvases, params, timed
 from src import vlm
@@ -31,12 +30,10 @@ from src.contract import Contract, VisionSpec
 
 def resize(quick: bool) -> dict[str, Any]:
     """bench/resize.py prints its own table; run it as written and keep its output."""
-    if not (ROOT / "bench" / "resize.py").exists():
-        return {"skipped": "bench/resize.py is absent (another worker writes it)"}
     args = ["--n", "30", "--repeat", "1"] if quick else ["--n", "100", "--repeat", "2"]
     res = subprocess.run([sys.executable, "-m", "bench.resize", *args], cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
-        return {"skipped": f"bench.resize failed: {res.stderr[-500:]}"}
+        raise RuntimeError(f"bench.resize failed:\n{res.stderr[-2000:]}")
     return {"output": res.stdout.strip()}
 
 
@@ -87,7 +84,7 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
 
     Default: the demo's builder model. `spec`/`vision` give another size, e.g. SmolVLM-256M's shapes.
     """
-    from src.training import Example, batch_loss, lora
+    from src.training import Example, Procs, lora, train_epoch
 
     p = params()["finetune"]
     vision = vision or c.vision
@@ -98,16 +95,12 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
            for i, (canvas, lab) in enumerate(demo_canvases(n, c))]
     eos = processor.tokenizer.convert_tokens_to_ids(c.target.eos)
     net = lora(model, p, label_ids + [eos]).get_base_model()
-    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=p["lr"])
-    pad, bs = processor.tokenizer.pad_token_id, p["batch_size"]
+    trained = [q for q in net.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=p["lr"])
+    pad, bs, one = processor.tokenizer.pad_token_id, p["batch_size"], Procs(0, 1, torch.device("cpu"))
 
-    def epoch(cached: bool) -> None:
-        net.train()
-        for i in range(0, len(exs), bs):
-            loss, _ = batch_loss(net, exs[i:i + bs], pad, cached)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    def epoch(cached: bool) -> None:  # the stage's epoch (src/training.py), in a fixed order
+        train_epoch(net, opt, trained, exs, list(range(len(exs))), bs, pad, cached, one, "bench epoch")
 
     def fill_cache() -> None:
         with torch.no_grad():
@@ -141,22 +134,10 @@ def _run(cmd: list[str], cwd: Path) -> float:
 
 def data_repo(dest: Path, n: int) -> Path:
     """A git + DVC repo with this project's code and only the data stages, demo source of n photos."""
-    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    dvc["stages"] = {k: v for k, v in dvc["stages"].items() if k in DATA_STAGES}
-    (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-    pr = params()
-    pr["download"]["source"], pr["download"]["demo"]["n"], pr["label"]["provider"] = "demo", n, "manifest"
-    (dest / "params.yaml").write_text(yaml.safe_dump(pr, sort_keys=False))
-    for name in (".dvcignore", "data/label_overrides.csv"):
-        if (ROOT / name).exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, dest / name)
-    (dest / ".gitignore").write_text("/.cache/\n__pycache__/\n")
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "bench"]):
-        _run(cmd, dest)
-    return dest
+    from tests.conftest import make_repo  # the one throwaway-repo builder
+
+    return make_repo(dest, {"download.source": "demo", "download.demo.n": n, "label.provider": "manifest"},
+                     stages=DATA_STAGES)
 
 
 def dvc_repro(n: int, keep: Path | None = None) -> dict[str, Any]:

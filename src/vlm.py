@@ -11,6 +11,8 @@ GGUF can be served as a chat VLM by llama.cpp servers.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from transformers import (
 
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
 
+from src import answers
 from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
 from src.geometry import tokens_per_tile
 
@@ -66,12 +69,21 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
-def smollm2_tokenizer() -> Any:
-    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub)."""
+@functools.cache
+def _smollm2_tokenizer() -> Any:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
     return tok
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub).
+
+    Reading the GGUF takes seconds, so it is read once per process; each caller gets its own copy
+    (configure() sets the EOS on it).
+    """
+    return copy.deepcopy(_smollm2_tokenizer())
 
 
 def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
@@ -155,15 +167,8 @@ def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> Non
 
 
 def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
-    """One token per label (`prefix + label`); first-token scoring needs exactly that."""
-    ids = []
-    for label in labels:
-        toks = tokenizer(target.text(label), add_special_tokens=False).input_ids
-        if len(toks) != 1:
-            raise ValueError(f"label {label!r} written as {target.text(label)!r} is {len(toks)} tokens {toks}; "
-                             "the contract needs each label to be one token")
-        ids.append(toks[0])
-    return ids
+    """One token per label (`prefix + label`) in the transformers tokenizer; see answers.label_token_ids."""
+    return answers.label_token_ids(lambda text: tokenizer(text, add_special_tokens=False).input_ids, labels, target)
 
 
 def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],

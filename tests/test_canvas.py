@@ -27,18 +27,20 @@ def smooth(w: int, h: int, alpha: bool = False) -> Image.Image:
 def test_fit_box_truncates_in_float32_like_kotlin() -> None:
     # Search sizes where float64 and float32 disagree after truncation; the app computes in Float.
     disagree = []
-    for w in range(257, 4000):
-        h = 255
-        s32 = min(np.float32(256) / np.float32(w), np.float32(256) / np.float32(h))
-        s64 = min(256 / w, 256 / h)
+    size = SPEC.size
+    for w in range(size + 1, 4000):
+        h = size - 1
+        s32 = min(np.float32(size) / np.float32(w), np.float32(size) / np.float32(h))
+        s64 = min(size / w, size / h)
         if int(np.float32(w) * s32) != int(w * s64) or int(np.float32(h) * s32) != int(h * s64):
             disagree.append((w, h, int(np.float32(w) * s32), int(np.float32(h) * s32)))
     assert disagree, "no float32/float64 disagreement in range: widen the search"
     for w, h, w32, h32 in disagree:
-        assert fit_box(w, h, 256)[:2] == (w32, h32)
+        assert fit_box(w, h, size)[:2] == (w32, h32)
 
 
-@pytest.mark.parametrize("w,h", [(512, 256), (256, 512), (300, 301), (1000, 37), (256, 256)])
+@pytest.mark.parametrize("w,h", [(2 * SPEC.size, SPEC.size), (SPEC.size, 2 * SPEC.size), (300, 301), (1000, 37),
+                                 (SPEC.size, SPEC.size)])
 def test_canvas_is_square_rgb_and_centred_on_black(w: int, h: int) -> None:
     c = np.asarray(to_canvas(smooth(w, h), SPEC))
     nw, nh, left, top = fit_box(w, h, SPEC.size)
@@ -50,11 +52,11 @@ def test_canvas_is_square_rgb_and_centred_on_black(w: int, h: int) -> None:
 
 def test_a_side_below_one_pixel_is_refused() -> None:
     with pytest.raises(BadImage, match="below one pixel"):
-        fit_box(10000, 5, 256)
+        fit_box(10000, 5, SPEC.size)
 
 
 def test_transparent_pixels_composite_to_black_not_their_hidden_colour() -> None:
-    img = smooth(256, 256, alpha=True)  # no scaling: the alpha rule alone decides
+    img = smooth(SPEC.size, SPEC.size, alpha=True)  # no scaling: the alpha rule alone decides
     comp = np.asarray(to_canvas(img, SPEC))
     dropped = np.asarray(to_canvas(img, CanvasSpec(**{**SPEC.__dict__, "alpha": "drop"})))
     assert comp[:, :60].max() == 0  # transparent border, composited over black

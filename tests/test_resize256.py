@@ -11,18 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from src.stages import download, resize256
 from src.canvas import BadImage, canvas_png, decode, to_canvas
-from src.contract import CanvasSpec
+from src.contract import CanvasSpec, Contract
 from src.records import read_jsonl, sha256
 from src.sources import folder_items
 from tests.conftest import kill_midway
 from tests.test_download import png_header_only, tree
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
+SPEC = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]).canvas
 CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
 
 

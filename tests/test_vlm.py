@@ -17,15 +17,11 @@ from src.contract import Contract, VisionSpec
 from tests.conftest import ROOT
 
 C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
-TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
-                       text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    model, processor = vlm.build(TINY, C.vision)
-    vlm.configure(model, processor, C.vision, C.target)
-    return model, processor
+def tiny(tiny_model: tuple[Any, Any]) -> tuple[Any, Any]:
+    return tiny_model
 
 
 def canvas(seed: int) -> Image.Image:
