@@ -2,7 +2,7 @@
 
 Used by src/label.py, which writes OUT/audit.html next to labels.jsonl.
 Canvases are grouped by element (in the contract's order, then the failures), each
-with its id, canvas sha256 prefix, provider and the teacher's reason; human overrides
+with its name (file name or URL), canvas sha256 prefix, provider and the teacher's reason; human overrides
 are marked. Thumbnails are embedded, so the page can be mailed or archived alone.
 """
 
@@ -48,11 +48,12 @@ def audit_html(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, .
            + "</p>"]
     for g in order:
         out.append(f"<h2 id='{e(g)}'>{e(g)} ({len(groups[g])})</h2>")
-        for r in sorted(groups[g], key=lambda r: r["id"]):
+        for r in sorted(groups[g], key=lambda r: r.get("name") or r["id"]):
             cls = "failed" if r["status"] != "ok" else "override" if r["provider"] == "override" else ""
             why = r["reason"] if r["status"] == "ok" else r["error"]
             src = thumbnail(resize256 / r["canvas"]) if r.get("canvas") else ""
-            out.append(f"<figure class='{cls}'><img src='{src}' alt='{e(r['id'])}'><figcaption><b>{e(r['id'])}</b> "
+            name = r.get("name") or r["id"]  # the photo as the user knows it (file name, URL)
+            out.append(f"<figure class='{cls}'><img src='{src}' alt='{e(name)}'><figcaption><b>{e(name)}</b> "
                        f"<small>{e((r['canvas_sha256'] or '')[:12])} · {e(r['provider'])}</small><br>"
                        f"{e(why or '')}</figcaption></figure>")
     return "\n".join(out) + "\n"

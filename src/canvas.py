@@ -1,7 +1,7 @@
 """Photo -> canvas, as the contract says; and the Android reference to measure it against.
 
 `decode` turns file bytes into an RGB or RGBA image (or raises `BadImage`
-naming the cause); `to_canvas` draws it on the square black canvas. The same two
+with one of a fixed list of causes); `to_canvas` draws it on the square black canvas. The same two
 functions serve resize256, the reading client and the tests, so the canvas is
 defined once.
 
@@ -25,7 +25,19 @@ from src.contract import CanvasSpec
 
 
 class BadImage(ValueError):
-    """A photo that cannot become a canvas; the message names the cause."""
+    """A photo that cannot become a canvas: `cause` is one of CAUSES (records are counted by it),
+    `detail` says what exactly; the message is `cause: detail`."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        if cause not in CAUSES:  # a new cause joins CAUSES, so the counts stay a short fixed list
+            raise ValueError(f"BadImage: unknown cause {cause!r} (known: {', '.join(CAUSES)})")
+        super().__init__(f"{cause}: {detail}")
+        self.cause, self.detail = cause, detail
+
+
+# Every way a photo can fail to become a canvas. Fixed words, never data: resize256 groups rejections by them.
+CAUSES = ("empty file", "not an image", "too many pixels", "truncated or corrupt", "bad EXIF", "unsupported mode",
+          "side below one pixel")
 
 
 def fit_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
@@ -38,7 +50,7 @@ def fit_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     scale = min(f(size) / f(width), f(size) / f(height))
     new_w, new_h = int(f(width) * scale), int(f(height) * scale)
     if new_w < 1 or new_h < 1:
-        raise BadImage(f"aspect ratio {width}x{height} scales to {new_w}x{new_h}: a side below one pixel")
+        raise BadImage("side below one pixel", f"aspect ratio {width}x{height} scales to {new_w}x{new_h}")
     return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
 
 
@@ -77,30 +89,29 @@ def _has_alpha(img: Image.Image) -> bool:
 
 
 def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
-    """File bytes -> RGB, or RGBA when the photo carries transparency; else `BadImage(reason)`.
+    """File bytes -> RGB, or RGBA when the photo carries transparency; else `BadImage(cause, detail)`.
 
     What the app's BitmapFactory does, step by step: identify by content (never
     by extension), refuse more than `spec.max_pixels` before decoding any pixel,
     decode the first frame only (animated GIF / WebP / APNG, multi-page TIFF),
     rotate by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey
-    to 8-bit RGB(A). Every reason starts with a short class word (`not an image`,
-    `empty file`, `too many pixels`, `truncated or corrupt`, `bad EXIF`,
-    `unsupported mode`) so records can be counted by cause.
+    to 8-bit RGB(A). Every refusal carries its cause, one of CAUSES, so records
+    can be counted by cause.
     """
     if not data:
-        raise BadImage("empty file: 0 bytes")
+        raise BadImage("empty file", "0 bytes")
     try:
         with warnings.catch_warnings():
             # We enforce spec.max_pixels ourselves, below, with a precise reason.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # past PIL's hard limit (2 x MAX_IMAGE_PIXELS)
-        raise BadImage(f"too many pixels: {e} (max_pixels {spec.max_pixels})") from None
+        raise BadImage("too many pixels", f"{e} (max_pixels {spec.max_pixels})") from None
     except Exception as e:  # PIL raises several types for "not an image"
-        raise BadImage(f"not an image: {type(e).__name__}: {_clean(e)}; {len(data)} bytes starting {_head(data)}") from None
+        raise BadImage("not an image", f"{type(e).__name__}: {_clean(e)}; {len(data)} bytes starting {_head(data)}") from None
     fmt = img.format or "image"
     if img.width * img.height > spec.max_pixels:
-        raise BadImage(f"too many pixels: {fmt} {img.width}x{img.height} = {img.width * img.height} pixels "
+        raise BadImage("too many pixels", f"{fmt} {img.width}x{img.height} = {img.width * img.height} pixels "
                        f"exceeds max_pixels {spec.max_pixels}")
     try:
         with warnings.catch_warnings():
@@ -108,12 +119,12 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
             img.seek(0)  # animated: the first frame, as BitmapFactory decodes it
             img.load()
     except Exception as e:
-        raise BadImage(f"truncated or corrupt {fmt}: {type(e).__name__}: {e}") from None
+        raise BadImage("truncated or corrupt", f"{fmt}: {type(e).__name__}: {e}") from None
     if spec.exif == "apply":
         try:
             img = ImageOps.exif_transpose(img)
         except Exception as e:
-            raise BadImage(f"bad EXIF orientation in {fmt}: {type(e).__name__}: {e}") from None
+            raise BadImage("bad EXIF", f"orientation in {fmt}: {type(e).__name__}: {e}") from None
     if img.mode in _SIXTEEN_BIT:
         img = _sixteen_bit_to_8(img)
     # CMYK -> RGB is PIL's (255-C)(255-K)/255, the same naive formula Skia uses without an ICC profile.
@@ -121,7 +132,7 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
     try:
         return img.convert(target)
     except Exception as e:  # e.g. LAB, HSV: modes PIL cannot bring to RGB
-        raise BadImage(f"unsupported mode: {fmt} in mode {img.mode} cannot become {target}: {e}") from None
+        raise BadImage("unsupported mode", f"{fmt} in mode {img.mode} cannot become {target}: {e}") from None
 
 
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}

@@ -1,32 +1,84 @@
 """The release gates: parity (the runtimes agree) and, apart from it, quality (the model is good enough).
 
-eval_parity applies the parity gates and release applies both; a message names the rung and the
-images, so a failed gate says what to look at.
+eval_parity applies the parity gates and release applies both. A parity message names the rung,
+which runtime disagrees with which, and the photos (by the name the user knows: file name or
+URL); a quality message says it is about the model, not the runtimes, and what to try. The same
+invalid answer on every runtime is a quality failure (the model did not learn the answer
+format), never a parity one: parity only counts photos where the runtimes differ.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+# Which runtime each side of the ladder is, in words a reader of a failed gate knows.
+RUNTIME = {"hf": "transformers", "f16": "llama.cpp F16", "q8_0": "llama.cpp Q8_0"}
+
 
 def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]]) -> list[str]:
-    """One message per failed rung, naming it and up to ten offending images."""
+    """One message per failed parity rung, naming it and up to ten offending photos.
+
+    `offenders` maps a rung to photo names, optionally with what differed (`beach.jpg (transformers
+    fire, llama.cpp Q8_0 water)`); release re-checks stale metrics without them.
+    """
     def names(rung: str) -> str:
         ids = offenders.get(rung, [])
-        return f" ({len(ids)} images: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})" if ids else ""
+        return f": {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}" if ids else ""
 
+    n = m["n_test"]
     fails = []
     if not m["eos"]["ok"]:
         fails.append(f"rung eos: contract EOS {m['eos']['contract']!r}, HF generation config {m['eos']['hf']!r}, "
                      f"GGUF {m['eos']['gguf']!r}")
     if m["layout"]["identical_rate"] < g["min_layout_identical_rate"]:
         fails.append(f"rung layout: identical_rate {m['layout']['identical_rate']:.3f} < "
-                     f"{g['min_layout_identical_rate']}" + names("layout"))
-    if m["agreement"]["f16"] < g["min_agreement_f16"]:
-        fails.append(f"rung agreement.f16: {m['agreement']['f16']:.3f} < {g['min_agreement_f16']}" + names("f16"))
-    if m["agreement"]["q8_0"] < g["min_agreement_q8_0"]:
-        fails.append(f"rung agreement.q8_0: {m['agreement']['q8_0']:.3f} < {g['min_agreement_q8_0']}" + names("q8_0"))
-    if m["invalid_rate"]["q8_0"] > g["max_invalid_rate_q8_0"]:
-        fails.append(f"rung invalid_rate.q8_0: {m['invalid_rate']['q8_0']:.3f} > {g['max_invalid_rate_q8_0']}"
+                     f"{g['min_layout_identical_rate']}: llama.cpp's prompt tokens and image positions differ from "
+                     f"transformers' on {_count(1 - m['layout']['identical_rate'], n)}/{n} photos" + names("layout"))
+    for side in ("f16", "q8_0"):
+        rate, gate = m["agreement"][side], g[f"min_agreement_{side}"]
+        if rate < gate:
+            fails.append(f"rung agreement.{side}: {rate:.3f} < {gate}: {RUNTIME[side]} disagrees with "
+                         f"{RUNTIME['hf']} on {_count(1 - rate, n)}/{n} photos" + names(side))
+    only = m["invalid_rate"]["q8_0_only"]
+    if only > g["max_invalid_rate_q8_0"]:
+        fails.append(f"rung invalid_rate.q8_0_only: {only:.3f} > {g['max_invalid_rate_q8_0']}: {RUNTIME['q8_0']} "
+                     f"answers no label where {RUNTIME['hf']} does on {_count(only, n)}/{n} photos"
                      + names("invalid_q8_0"))
+    return fails
+
+
+def _count(rate: float, n: int) -> int:
+    return round(rate * n)
+
+
+def class_coverage_gate(per_class: dict[str, int]) -> str | None:
+    """None when every class has a photo in the test split; else why the ladder cannot be judged."""
+    n = sum(per_class.values())
+    missing = [label for label, k in per_class.items() if k == 0]
+    if not missing:
+        return None
+    counts = ", ".join(f"{label} {k}" for label, k in per_class.items())
+    return (f"the test split has {n} photos ({counts}): no photo of {', '.join(missing)}, so neither parity nor "
+            f"accuracy can be judged for {'it' if len(missing) == 1 else 'them'}. Add photos, or raise split.test "
+            f"or split.min_per_class in params.yaml, then rerun from split")
+
+
+# What to try when the model is not good enough; the params are the ones a user changes.
+QUALITY_ADVICE = ("more photos per class (download.*), more training (finetune.epochs), another learning rate "
+                  "(finetune.lr), a real base model (finetune.base.source: hub with finetune.base.revision)")
+
+
+def quality_gates(accuracy: float, per_class: dict[str, dict[str, Any]], q: dict[str, Any]) -> list[str]:
+    """One message per missed quality gate: overall Q8_0 test accuracy, then each class below its minimum.
+
+    Invalid answers count as wrong (they are wrong on the phone too). `q` holds release.min_accuracy
+    and release.min_class_accuracy.
+    """
+    fails = []
+    if accuracy < q["min_accuracy"]:
+        fails.append(f"accuracy {accuracy:.3f} < release.min_accuracy {q['min_accuracy']} (Q8_0, test split)")
+    for label, c in per_class.items():
+        if c["accuracy"] < q["min_class_accuracy"]:
+            fails.append(f"class {label}: {c['correct']}/{c['n']} = {c['accuracy']:.3f} < "
+                         f"release.min_class_accuracy {q['min_class_accuracy']}")
     return fails

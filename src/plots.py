@@ -71,8 +71,13 @@ def per_class_png(acc: dict[str, dict[str, float]], title: str) -> bytes:
     return _png(fig)
 
 
+def short_name(name: str, width: int = 24) -> str:
+    """A photo's name cut to fit under a tile, keeping the end (the file name of a path or URL)."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def sample_grid_png(tiles: list[tuple[Image.Image, str, str, str]], cols: int, title: str) -> bytes:
-    """Canvases with `id`, `truth -> predicted` under each; wrong answers in red."""
+    """Canvases with the photo's name, `truth -> predicted` under each; wrong answers in red."""
     if not tiles:
         raise ValueError("sample grid: no canvases")
     rows = -(-len(tiles) // cols)
@@ -80,8 +85,8 @@ def sample_grid_png(tiles: list[tuple[Image.Image, str, str, str]], cols: int, t
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (img, ident, truth, pred) in zip(axes.flat, tiles):
+    for ax, (img, name, truth, pred) in zip(axes.flat, tiles):
         ax.imshow(np.asarray(img.convert("RGB")))
-        ax.set_title(f"{ident}\n{truth} -> {pred}", fontsize=8, color="black" if truth == pred else "red")
+        ax.set_title(f"{short_name(name)}\n{truth} -> {pred}", fontsize=8, color="black" if truth == pred else "red")
     fig.suptitle(title)
     return _png(fig)

@@ -235,6 +235,7 @@ class Split(Section):
     seed: int
     val: Annotated[float, Field(ge=0, lt=1)]
     test: Annotated[float, Field(gt=0, lt=1)]
+    min_per_class: Pos
 
     @model_validator(mode="after")
     def leaves_train(self) -> Split:
@@ -339,6 +340,8 @@ class Grid(Section):
 
 class Release(Section):
     grid: Grid
+    min_accuracy: Rate
+    min_class_accuracy: Rate
 
 
 class Params(Section):

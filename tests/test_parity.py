@@ -79,7 +79,7 @@ def test_stray_space_in_the_app_prompt_fails_the_layout_rung(tiny_repo: Path) ->
                                    params["eval_parity"]["n_ctx"], llama_prompt=app_prompt)
     assert metrics["layout"]["identical_rate"] == 0.0
     fails = gates(metrics, params["eval_parity"], offenders)
-    assert any(f.startswith("rung layout") and rows[0]["id"] in f for f in fails), fails
+    assert any(f.startswith("rung layout") and rows[0]["name"] in f for f in fails), fails  # named as the user knows it
 
 
 @pytest.mark.slow

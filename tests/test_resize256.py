@@ -82,6 +82,7 @@ def awkward_inputs() -> dict[str, bytes]:
         "corrupt.png": noisy_png[:mid] + bytes(b ^ 0xFF for b in noisy_png[mid:mid + 64]) + noisy_png[mid + 64:],
         "bomb.png": png_header_only(8000, 6000),
         "sliver.png": save(Image.new("RGB", (1000, 1), (1, 2, 3)), "PNG"),
+        "tall-sliver.png": save(Image.new("RGB", (1, 4000), (1, 2, 3)), "PNG"),
     }
 
 
@@ -113,19 +114,24 @@ def test_every_awkward_input_is_drawn_or_rejected_with_its_cause(tmp_path: Path)
     assert set(recs) == set(files)  # one record per input, nothing lost
     assert summary["inputs"] == summary["written"] + summary["rejected"] == len(files)
     rejected = {
-        "truncated.jpg": r"^truncated or corrupt JPEG: OSError: image file is truncated",
-        "corrupt.png": r"^truncated or corrupt PNG: OSError: unrecognized data stream",
-        "bomb.png": r"^too many pixels: PNG 8000x6000 = 48000000 pixels exceeds max_pixels 40000000$",
-        "zz-copy-of-grey.jpg": rf"^duplicate: same content as {recs['grey.jpg']['id']} \(sha256 [0-9a-f]{{12}}\)$",
-        "sliver.png": r"^aspect ratio 1000x1 scales to 256x0: a side below one pixel$",
+        "truncated.jpg": ("truncated or corrupt", r"^truncated or corrupt: JPEG: OSError: image file is truncated"),
+        "corrupt.png": ("truncated or corrupt", r"^truncated or corrupt: PNG: OSError: unrecognized data stream"),
+        "bomb.png": ("too many pixels", r"^too many pixels: PNG 8000x6000 = 48000000 pixels exceeds max_pixels 40000000$"),
+        # the duplicate names the first copy as the user knows it (its name), not by a hash id
+        "zz-copy-of-grey.jpg": ("duplicate", rf"^duplicate: same content as {re.escape(recs['grey.jpg']['name'])} "
+                                             r"\(sha256 [0-9a-f]{12}\)$"),
+        "sliver.png": ("side below one pixel", r"^side below one pixel: aspect ratio 1000x1 scales to 256x0$"),
+        "tall-sliver.png": ("side below one pixel", r"^side below one pixel: aspect ratio 1x4000 scales to 0x256$"),
     }
-    for name, pattern in rejected.items():
+    for name, (cause, pattern) in rejected.items():
         r = recs[name]
-        assert r["status"] == "rejected" and r["canvas"] is None and re.search(pattern, r["reason"]), r
-    assert summary["rejected_by"] == {"aspect ratio 1000x1 scales to 256x0": 1, "duplicate": 1, "too many pixels": 1,
-                                      "truncated or corrupt JPEG": 1, "truncated or corrupt PNG": 1}
+        assert r["status"] == "rejected" and r["canvas"] is None and r["cause"] == cause, r
+        assert re.search(pattern, r["reason"]), r
+    # counted by a fixed cause: every extreme aspect ratio is one cause, not one cause per size
+    assert summary["rejected_by"] == {"duplicate": 1, "side below one pixel": 2, "too many pixels": 1,
+                                      "truncated or corrupt": 2}
     for name in set(files) - set(rejected):
-        assert recs[name]["status"] == "ok" and recs[name]["reason"] is None, recs[name]
+        assert recs[name]["status"] == "ok" and recs[name]["reason"] is None and recs[name]["cause"] is None, recs[name]
         # The stored canvas is exactly the contract's transform of the original bytes.
         assert (out / recs[name]["canvas"]).read_bytes() == canvas_png(to_canvas(decode(files[name], SPEC), SPEC))
     # Transparency composites over black, whatever colour the transparent pixels hide (40x20 -> 256x128, top 64).
@@ -153,10 +159,12 @@ def test_exif_apply_rotates_first(tmp_path: Path) -> None:
 
 
 def test_decode_names_the_cause() -> None:
-    with pytest.raises(BadImage, match=r"^empty file"):
+    with pytest.raises(BadImage, match=r"^empty file") as e:
         decode(b"", SPEC)
+    assert e.value.cause == "empty file"
     with pytest.raises(BadImage) as e:
         decode(b"<html>not a jpg", SPEC)
+    assert e.value.cause == "not an image"
     assert str(e.value) == ("not an image: UnidentifiedImageError: cannot identify image file <bytes>; "
                             "15 bytes starting b'<html>not a jpg'")  # no object address: reproducible
     with pytest.raises(BadImage, match=r"^too many pixels: "):
@@ -186,6 +194,7 @@ def test_missing_or_altered_input_files_are_rejected_not_fatal(tmp_path: Path) -
     (tmp_path / "dl" / rows[1]["path"]).write_bytes(b"changed")
     summary = resize256.run(tmp_path / "dl", tmp_path / "rs", SPEC, 1)
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "rs" / "records.jsonl")]
+    assert [r["cause"] for r in read_jsonl(tmp_path / "rs" / "records.jsonl")] == ["missing input", "corrupt input"]
     assert summary["rejected"] == 2 and reasons[0].startswith("missing input: cannot read")
     assert reasons[1].startswith("corrupt input: ") and "does not match the manifest's sha256" in reasons[1]
 

@@ -3,8 +3,8 @@
 Inputs:  SPLIT/test.jsonl, the canvases (RESIZE256) and original photos (DOWNLOAD), the merged
          transformers model (FINETUNE), the f16 text GGUF + mmproj (CONVERT_GGUF), the Q8_0 text
          GGUF (QUANTIZE_Q8).
-Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: truth, answers, first-token
-         label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
+Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: id, name (file name or URL),
+         truth, answers, first-token label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
 Params:  contract.*, eval_parity.*
 Command: python -m src.stages.eval_parity data/split data/resize256 data/download models/finetune \
              models/convert_gguf models/quantize_q8 metrics/parity.json metrics/parity_images.csv \
@@ -16,8 +16,12 @@ The ladder, each rung a key of the metrics:
   eos      the EOS the contract names is the EOS of the HF generation config and of the GGUF.
   layout   transformers input ids (image expanded) == llama.cpp's mtmd chunks, per image.
   logits   first-token logits, HF vs f16 GGUF (max |diff|) and KL over the labels, HF vs Q8_0.
-  accuracy / agreement / invalid_rate   greedy answers of HF, f16 and Q8_0.
-A rung below its gate fails the stage with a report naming the rung and the images.
+  accuracy / agreement / invalid_rate   greedy answers of HF, f16 and Q8_0. invalid_rate.q8_0_only
+           counts photos where Q8_0 answers no label but transformers does: the same invalid answer
+           on every runtime is the model's quality (release's gate), not parity.
+Before any rung, every class must have a photo in the test split (else there is nothing to judge).
+A rung below its gate fails the stage with a report naming the rung, the runtimes that disagree and
+the photos by the names the user knows.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from src.canvas import android_canvas, canvas_png, decode, to_canvas
 from src.contract import Contract
 from src.artifacts import text_gguf, the_mmproj
 from src.answers import kl, label_probs, parse_answer
-from src.gates import gates
+from src.gates import RUNTIME, class_coverage_gate, gates
 from src.llama_runtime import LlamaVLM, expand
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_text_atomic
@@ -52,6 +56,7 @@ class ParityError(SystemExit):
 @dataclass
 class Row:
     id: str
+    name: str  # the photo as the user knows it: file name, URL
     canvas: str
     truth: str
     answers: dict[str, str | None] = field(default_factory=dict)  # side -> label, None if invalid
@@ -91,7 +96,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                "gguf": vq8.llm.detokenize([vq8.llm.token_eos()], special=True).decode()}
         eos["ok"] = eos["contract"] == eos["hf"] == eos["gguf"]
         for r in tqdm(rows, desc="eval_parity"):
-            row = Row(r["id"], r["canvas"], r["element"])
+            row = Row(r["id"], r.get("name") or r["id"], r["canvas"], r["element"])
             stored = (canvases / r["canvas"]).read_bytes()
             canvas = Image.open(io.BytesIO(stored)).convert("RGB")
             if r["id"] in photos:
@@ -106,7 +111,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             layout = vf16.layout(prompt, canvas)
             image_tokens.add(sum(c.n_tokens for c in layout if c.kind == "image"))
             if expand(layout, image_token_id) != hf_ids:
-                offenders["layout"].append(r["id"])
+                offenders["layout"].append(row.name)
             hf_logits = vlm.first_logits(model, inputs).numpy()
             text, _, stopped = vlm.generate(model, processor, inputs, gen)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
@@ -120,12 +125,14 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                 else:
                     kls.append(kl(np.array(row.probs["hf"]), np.array(row.probs["q8_0"])))
                 if row.answers[side] != row.answers["hf"]:
-                    offenders[side].append(r["id"])
-            if row.answers["q8_0"] is None:
-                offenders["invalid_q8_0"].append(r["id"])
+                    offenders[side].append(f"{row.name} ({RUNTIME['hf']} {_said(row, 'hf')}, "
+                                           f"{RUNTIME[side]} {_said(row, side)})")
+            if row.answers["q8_0"] is None and row.answers["hf"] is not None:
+                offenders["invalid_q8_0"].append(f"{row.name} ({RUNTIME['hf']} {row.answers['hf']}, "
+                                                 f"{RUNTIME['q8_0']} {row.raw['q8_0']!r})")
             if "q8_0_android" in row.answers and row.answers["q8_0_android"] != row.answers["q8_0"]:
                 flips += 1
-                offenders["flips"].append(r["id"])
+                offenders["flips"].append(row.name)
             out.append(row)
 
     n = len(out)
@@ -147,18 +154,26 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                    "kl_q8_0_max": round(max(kls, default=0.0), 6)},
         "accuracy": {s: rate(lambda x, s=s: x.answers[s] == x.truth) for s in ("hf", "f16", "q8_0")},
         "agreement": {s: rate(lambda x, s=s: x.answers[s] == x.answers["hf"]) for s in ("f16", "q8_0")},
-        "invalid_rate": {s: rate(lambda x, s=s: x.answers[s] is None) for s in ("hf", "f16", "q8_0")},
+        "invalid_rate": {**{s: rate(lambda x, s=s: x.answers[s] is None) for s in ("hf", "f16", "q8_0")},
+                         # parity: Q8_0 without a label where transformers has one; invalid everywhere is quality
+                         "q8_0_only": rate(lambda x: x.answers["q8_0"] is None and x.answers["hf"] is not None),
+                         "every_runtime": rate(lambda x: all(x.answers[s] is None for s in ("hf", "f16", "q8_0")))},
     }
     return metrics, out, offenders
+
+
+def _said(row: Row, side: str) -> str:
+    """What a runtime answered, for a message: the label, or the invalid text it produced."""
+    return row.answers[side] or f"invalid {row.raw[side]!r}"
 
 
 def images_csv(rows: list[Row], labels: tuple[str, ...]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     sides = ("hf", "f16", "q8_0")
-    w.writerow(["id", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels]])
+    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels]])
     for r in rows:
-        w.writerow([r.id, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
+        w.writerow([r.id, r.name, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
                     r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]]])
     return buf.getvalue()
 
@@ -171,6 +186,9 @@ def main() -> None:
     p = stage_params("eval_parity")
     contract, g = Contract.from_dict(p["contract"]), p["eval_parity"]
     rows = read_jsonl(args.split / "test.jsonl")
+    refusal = class_coverage_gate({label: sum(r["element"] == label for r in rows) for label in contract.labels})
+    if refusal:  # before loading any model: an empty or one-sided test split makes every rung meaningless
+        raise SystemExit(f"eval_parity: {refusal} ({args.split / 'test.jsonl'})")
     records = {r["id"]: r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"}
     photos = {r["id"]: (args.download / records[r["id"]]["path"]).read_bytes() for r in rows if r["id"] in records}
     mm = the_mmproj(args.convert_gguf)
@@ -182,10 +200,15 @@ def main() -> None:
     write_json(args.confusion, [{"truth": r.truth, "predicted": r.answers["q8_0"] or "invalid"} for r in out])
     fails = gates(metrics, g, offenders)
     if fails:
-        raise ParityError("eval_parity: parity gate failed\n  " + "\n  ".join(fails))
-    print(f"eval_parity: n_test {metrics['n_test']}, layout {metrics['layout']['identical_rate']}, "
+        raise ParityError(f"eval_parity: PARITY gate failed (the runtimes disagree; see {args.images})\n  "
+                          + "\n  ".join(fails))
+    inv = metrics["invalid_rate"]["every_runtime"]
+    if inv:  # not a parity failure: said here so nobody reads it as one; release's quality gate judges it
+        print(f"eval_parity: {round(inv * metrics['n_test'])}/{metrics['n_test']} answers are invalid on every "
+              "runtime alike: a quality problem of the model (release.min_accuracy judges it), not parity")
+    print(f"eval_parity: parity gates pass: n_test {metrics['n_test']}, layout {metrics['layout']['identical_rate']}, "
           f"agreement f16 {metrics['agreement']['f16']} q8_0 {metrics['agreement']['q8_0']}, "
-          f"accuracy q8_0 {metrics['accuracy']['q8_0']} -> {args.metrics}")
+          f"accuracy q8_0 {metrics['accuracy']['q8_0']}, invalid q8_0 {metrics['invalid_rate']['q8_0']} -> {args.metrics}")
 
 
 if __name__ == "__main__":

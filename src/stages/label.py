@@ -64,7 +64,8 @@ def read_overrides(path: Path | None, labels: tuple[str, ...]) -> dict[str, Over
 
 
 def _base(row: dict[str, Any], provider: str) -> dict[str, Any]:
-    return {"id": row["id"], "canvas": row["canvas"], "canvas_sha256": row["canvas_sha256"], "provider": provider}
+    return {"id": row["id"], "name": row.get("name") or row["id"], "canvas": row["canvas"],
+            "canvas_sha256": row["canvas_sha256"], "provider": provider}
 
 
 def from_manifest(row: dict[str, Any], labels: tuple[str, ...]) -> dict[str, Any]:

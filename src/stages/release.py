@@ -1,4 +1,4 @@
-"""release: assemble the bundle the app ships, once the parity gates pass, with its model card and plots.
+"""release: assemble the bundle the app ships, once the parity and quality gates pass, with its model card and plots.
 
 Inputs:  QUANTIZE_Q8/text-q8_0.gguf, the mmproj in CONVERT_GGUF, SPLIT/*.jsonl (data counts),
          RESIZE256 (test canvases for the sample grid), PARITY (eval_parity metrics: re-checked
@@ -10,7 +10,13 @@ Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
            model_card.md    the same for people
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
 Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, finetune.base.* and the
-         training params the card reports, quantize_q8.ftype, release.grid.*
+         training params the card reports, quantize_q8.ftype, release.grid.*, release.min_accuracy,
+         release.min_class_accuracy
+
+Two gates, apart: parity (eval_parity's, re-checked: the runtimes agree) and quality (the Q8_0
+answers on the test split reach release.min_accuracy overall and release.min_class_accuracy in
+every class; an invalid answer counts as wrong). A quality failure still writes the review plots,
+so the confusion matrix and the sample grid show what the model gets wrong, but no bundle.
 Command: python -m src.stages.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
              metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
              metrics/release
@@ -40,7 +46,7 @@ from PIL import Image
 from src import plots
 from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
-from src.gates import gates
+from src.gates import QUALITY_ADVICE, gates, quality_gates
 from src.grammar import gbnf
 from src.params import stage_params
 from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
@@ -58,9 +64,9 @@ def file_hashes(path: Path) -> dict[str, Any]:
 
 
 def answers(images_csv: str, labels: tuple[str, ...]) -> list[dict[str, str]]:
-    """eval_parity's rows as {id, canvas, truth, pred}; pred is the Q8_0 answer or `invalid`."""
+    """eval_parity's rows as {id, name, canvas, truth, pred}; pred is the Q8_0 answer or `invalid`."""
     rows = list(csv.DictReader(io.StringIO(images_csv)))
-    return [{"id": r["id"], "canvas": r["canvas"], "truth": r["truth"],
+    return [{"id": r["id"], "name": r.get("name") or r["id"], "canvas": r["canvas"], "truth": r["truth"],
              "pred": r["q8_0"] if r["q8_0"] in labels else plots.INVALID} for r in rows]
 
 
@@ -75,8 +81,8 @@ def data_counts(split_dir: Path, labels: tuple[str, ...]) -> dict[str, dict[str,
 
 def grid_rows(rows: list[dict[str, str]], labels: tuple[str, ...], n: int) -> list[dict[str, str]]:
     """Up to `n` rows: every mistake first (what a reviewer needs to see), then classes in turn."""
-    wrong = sorted((r for r in rows if r["pred"] != r["truth"]), key=lambda r: r["id"])
-    right = {label: sorted((r for r in rows if r["pred"] == r["truth"] == label), key=lambda r: r["id"])
+    wrong = sorted((r for r in rows if r["pred"] != r["truth"]), key=lambda r: r["name"])
+    right = {label: sorted((r for r in rows if r["pred"] == r["truth"] == label), key=lambda r: r["name"])
              for label in labels}
     picked = wrong[:n]
     i = 0
@@ -178,6 +184,17 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def review_plots(out: Path, resize256: Path, rows: list[dict[str, str]], per_class: dict[str, Any],
+                 labels: tuple[str, ...], grid: dict[str, Any], title: str) -> None:
+    """confusion.png, per_class_accuracy.png, sample_grid.png (photos by name) into `out`."""
+    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
+    write_bytes_atomic(out / PLOTS["confusion"], plots.confusion_png(truth, pred, labels, title))
+    write_bytes_atomic(out / PLOTS["per_class"], plots.per_class_png(per_class, title))
+    tiles = [(Image.open(resize256 / r["canvas"]), r["name"], r["truth"], r["pred"])
+             for r in grid_rows(rows, labels, grid["n"])]
+    write_bytes_atomic(out / PLOTS["grid"], plots.sample_grid_png(tiles, grid["cols"], title))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("quantize_q8", "convert_gguf", "split", "resize256", "parity", "images", "finetune_metrics",
@@ -189,7 +206,25 @@ def main() -> None:
     parity = json.loads(args.parity.read_text())
     fails = gates(parity, p["eval_parity"], {})  # the DAG already orders release after a green eval_parity;
     if fails:                                    # this also stops `dvc repro -s release` on stale metrics
-        raise SystemExit("release: parity gates fail, nothing released\n  " + "\n  ".join(fails))
+        raise SystemExit("release: PARITY gate failed (the runtimes disagree), nothing released\n  "
+                         + "\n  ".join(fails))
+    rows = answers(args.images.read_text(), contract.labels)
+    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
+    per_class = plots.per_class_accuracy(truth, pred, contract.labels)
+    accuracy = round(sum(t == x for t, x in zip(truth, pred)) / len(rows), 4) if rows else 0.0
+    title = f"Q8_0 on the test split (n={len(rows)})"
+    review_plots(args.plots, args.resize256, rows, per_class, contract.labels, p["release"]["grid"], title)
+    fails = quality_gates(accuracy, per_class, p["release"])
+    if fails:
+        invalid = sum(x == plots.INVALID for x in pred)
+        ft = p["finetune"]
+        raise SystemExit(
+            f"release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
+            f"released\n  " + "\n  ".join(fails) + "\n"
+            f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
+            f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
+            f"  Try: {QUALITY_ADVICE}; now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
+            f"finetune.base.source {ft['base']['source']}")
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
     copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
@@ -197,9 +232,6 @@ def main() -> None:
     grammar = gbnf(contract.labels, contract.target)
     check_grammar(args.out / BUNDLE["model"], grammar, contract)
     write_text_atomic(args.out / BUNDLE["grammar"], grammar)
-    rows = answers(args.images.read_text(), contract.labels)
-    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
-    per_class = plots.per_class_accuracy(truth, pred, contract.labels)
     files = {BUNDLE[k]: file_hashes(args.out / BUNDLE[k]) for k in ("model", "mmproj", "contract", "grammar")}
     deps = [args.quantize_q8, args.convert_gguf, args.split, args.resize256, args.parity, args.images,
             args.finetune_metrics]
@@ -208,13 +240,6 @@ def main() -> None:
                       dvc_hashes(Path("dvc.lock"), deps))
     write_json(args.out / BUNDLE["card"], card)
     write_text_atomic(args.out / BUNDLE["card_md"], card_markdown(card))
-    title = f"Q8_0 on the test split (n={len(rows)})"
-    write_bytes_atomic(args.plots / PLOTS["confusion"], plots.confusion_png(truth, pred, contract.labels, title))
-    write_bytes_atomic(args.plots / PLOTS["per_class"], plots.per_class_png(per_class, title))
-    g = p["release"]["grid"]
-    tiles = [(Image.open(args.resize256 / r["canvas"]), r["id"], r["truth"], r["pred"])
-             for r in grid_rows(rows, contract.labels, g["n"])]
-    write_bytes_atomic(args.plots / PLOTS["grid"], plots.sample_grid_png(tiles, g["cols"], title))
     print(f"release: {', '.join(BUNDLE.values())} -> {args.out}; {', '.join(PLOTS.values())} -> {args.plots} "
           f"(Q8_0 test accuracy {card['metrics']['test_q8_0']['accuracy']})")
 

@@ -2,19 +2,23 @@
 
 Inputs:  DOWNLOAD/manifest.jsonl (rows with status "ok") and the images it names.
 Outputs: OUT/canvases/<canvas sha256>.png, OUT/records.jsonl (one record per input, in
-         manifest order: id, url, sha256, label, status "ok"|"rejected", reason, canvas,
-         canvas_sha256) and OUT/summary.json (inputs = written + rejected, rejections by cause).
+         manifest order: id, name, url, sha256, label, status "ok"|"rejected", cause, reason,
+         canvas, canvas_sha256) and OUT/summary.json (inputs = written + rejected, rejections
+         by cause).
 Params:  contract.canvas.*, resize256.workers (processes; 0 = one per core)
 Command: python -m src.stages.resize256 data/download data/resize256
 
 The canvas is `src.canvas`: `decode` then `to_canvas`, PNG-encoded by `canvas_png`, so
 every byte is a function of the input bytes and the contract. A bad file (not an image,
 truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
-input) becomes a rejected record whose reason starts with its cause; it never stops the
-stage. Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a
-killed run, rerun, renders only what the journal lacks. The output persists between runs
-(dvc.yaml `persist`): under the same canvas contract (summary.json `spec`), a photo rendered
-by the last run is not rendered again, so adding photos costs only them. The journal and any file no
+input) becomes a rejected record with a fixed `cause` (one of CAUSES) and a `reason`
+that says what exactly; it never stops the stage. `name` is the photo as the user
+knows it (download's name: a relative path, a URL), carried on for every later message.
+Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a killed
+run, rerun, renders only what the journal lacks. The output persists between runs
+(dvc.yaml `persist`): under the same canvas contract (summary.json `spec`), a photo
+rendered by the last run is not rendered again, so adding photos costs only them. The
+journal and any file no
 record names are removed at the end: a resumed run leaves the same bytes as an
 uninterrupted one.
 """
@@ -32,14 +36,18 @@ from typing import Any
 
 from tqdm import tqdm
 
+from src.canvas import CAUSES as CANVAS_CAUSES
 from src.canvas import BadImage, render_png
 from src.contract import CanvasSpec
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 
 JOURNAL = "journal.jsonl"
+RESULT_KEYS = ("status", "cause", "reason", "canvas", "canvas_sha256")
+# What summary.json counts rejections by: the canvas's causes and the stage's own.
+CAUSES = (*CANVAS_CAUSES, "missing input", "corrupt input", "duplicate", "unexpected error")
+# a duplicate's record speaks of another row, a missing or corrupt input of the store: not of the content
 NOT_REUSED = ("duplicate", "missing input", "corrupt input")
-RESULT_KEYS = ("status", "reason", "canvas", "canvas_sha256")
 
 
 def spec_key(spec: CanvasSpec) -> str:
@@ -47,8 +55,8 @@ def spec_key(spec: CanvasSpec) -> str:
     return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _rejected(reason: str) -> dict[str, Any]:
-    return {"status": "rejected", "reason": reason, "canvas": None, "canvas_sha256": None}
+def _rejected(cause: str, detail: str) -> dict[str, Any]:
+    return {"status": "rejected", "cause": cause, "reason": f"{cause}: {detail}", "canvas": None, "canvas_sha256": None}
 
 
 def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
@@ -57,20 +65,20 @@ def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        return _rejected(f"missing input: cannot read {path.name}: {e.strerror or type(e).__name__}")
+        return _rejected("missing input", f"cannot read {path.name}: {e.strerror or type(e).__name__}")
     if sha256(data) != expected_sha:
-        return _rejected(f"corrupt input: {path.name} does not match the manifest's sha256")
+        return _rejected("corrupt input", f"{path.name} does not match the manifest's sha256")
     try:
         png = render_png(data, spec)
     except BadImage as e:
-        return _rejected(str(e))
+        return _rejected(e.cause, e.detail)
     except Exception as e:  # a codec bug must not take the stage down; counted under its own cause
-        return _rejected(f"unexpected error: {type(e).__name__}: {e}")
+        return _rejected("unexpected error", f"{type(e).__name__}: {e}")
     digest = sha256(png)
     rel = f"canvases/{digest}.png"
     if not (out / rel).exists():  # content-addressed: an existing file already holds these bytes
         write_bytes_atomic(out / rel, png)
-    return {"status": "ok", "reason": None, "canvas": rel, "canvas_sha256": digest}
+    return {"status": "ok", "cause": None, "reason": None, "canvas": rel, "canvas_sha256": digest}
 
 
 def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
@@ -79,17 +87,11 @@ def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
     summary = out / "summary.json"
     finished = read_jsonl(out / "records.jsonl") if summary.exists() and json.loads(summary.read_text()).get("spec") == key else []
     done = {}
-    # a duplicate's record speaks of another row, a missing or corrupt input of the store, not of the content
-    finished = [{**r, "spec": key} for r in finished if not (r["reason"] or "").startswith(NOT_REUSED)]
+    finished = [{**r, "spec": key} for r in finished if r.get("cause") not in NOT_REUSED]
     for r in [*finished, *read_jsonl(out / JOURNAL)]:
-        if r.get("spec") == key and (r["canvas"] is None or (out / r["canvas"]).exists()):
+        if r.get("spec") == key and "cause" in r and (r["canvas"] is None or (out / r["canvas"]).exists()):
             done[r["sha256"]] = {k: r[k] for k in RESULT_KEYS}
     return done
-
-
-def reason_class(reason: str) -> str:
-    """`too many pixels: ...` -> `too many pixels` (every reason starts with its cause)."""
-    return reason.split(":", 1)[0]
 
 
 def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, Any]:
@@ -99,9 +101,11 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
     key = spec_key(spec)
     results = _resume(out, key)
     first: dict[str, str] = {}  # sha256 -> id of its first input: later ones are duplicates
+    first_name: dict[str, str] = {}
     paths: dict[str, Path] = {}
     for r in rows:
         first.setdefault(r["sha256"], r["id"])
+        first_name.setdefault(r["sha256"], r.get("name") or r["id"])
         paths.setdefault(r["sha256"], download / r["path"])
     todo = [s for s in paths if s not in results]
     resumed = len(paths) - len(todo)
@@ -112,10 +116,11 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
             results[s] = res
     records = []
     for r in rows:
-        base = {k: r.get(k) for k in ("id", "url", "sha256", "label")}
+        # `name` (download's: the relative path, the URL) is what the user knows; the id is a fallback
+        base = {"id": r["id"], "name": r.get("name") or r["id"], **{k: r.get(k) for k in ("url", "sha256", "label")}}
         if first[r["sha256"]] != r["id"]:
             # One content, one training example: a copy could land in train and test at once.
-            res = _rejected(f"duplicate: same content as {first[r['sha256']]} (sha256 {r['sha256'][:12]})")
+            res = _rejected("duplicate", f"same content as {first_name[r['sha256']]} (sha256 {r['sha256'][:12]})")
         else:
             res = results[r["sha256"]]
         records.append({**base, **res})
@@ -124,7 +129,7 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
     rejected = [r for r in records if r["status"] != "ok"]
     summary = {"spec": key, "inputs": len(rows), "written": len(records) - len(rejected), "rejected": len(rejected),
                "canvases": len({r["canvas"] for r in records if r["canvas"]}),
-               "rejected_by": dict(sorted(Counter(reason_class(r["reason"]) for r in rejected).items()))}
+               "rejected_by": dict(sorted(Counter(r["cause"] for r in rejected).items()))}
     if summary["inputs"] != summary["written"] + summary["rejected"]:
         raise AssertionError(f"resize256: counts do not reconcile: {summary}")
     write_json(out / "summary.json", summary)
