@@ -101,7 +101,7 @@ def test_default_provider_is_manifest_and_needs_no_key_or_network(tmp_path: Path
     assert {r["provider"] for r in rows.values()} == {"manifest"}
     assert m["canvases"] == 6 and m["failed"] == 0 and m["requests"] == 0 and m["cost_usd"] == 0
     assert set(read_jsonl(tmp_path / "label/labels.jsonl")[0]) == {
-        "id", "canvas", "canvas_sha256", "element", "status", "error", "provider", "reason"}
+        "id", "name", "canvas", "canvas_sha256", "element", "status", "error", "provider", "reason"}
 
 
 def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path) -> None:

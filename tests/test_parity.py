@@ -46,12 +46,13 @@ def test_canvas_rung_on_a_demo_photo() -> None:
 def test_images_csv_writes_invalid_answers_with_their_text() -> None:
     labels = CONTRACT.labels
     probs = {s: [1 / len(labels)] * len(labels) for s in ("hf", "q8_0")}
-    rows = [Row("a", "a.png", labels[0], {"hf": labels[0], "f16": labels[0], "q8_0": None},
+    rows = [Row("a", "beach/a.jpg", "a.png", labels[0], {"hf": labels[0], "f16": labels[0], "q8_0": None},
                 {"hf": "x", "f16": "x", "q8_0": "oops"}, probs),
-            Row("b", "b.png", labels[1], {"hf": labels[1], "f16": labels[1], "q8_0": labels[1], "q8_0_android": labels[2]},
-                {}, probs)]
+            Row("b", "b.jpg", "b.png", labels[1], {"hf": labels[1], "f16": labels[1], "q8_0": labels[1],
+                                                   "q8_0_android": labels[2]}, {}, probs)]
     out = list(csv.DictReader(io.StringIO(images_csv(rows, labels))))
     assert [r["q8_0"] for r in out] == ["INVALID:'oops'", labels[1]]
+    assert [r["name"] for r in out] == ["beach/a.jpg", "b.jpg"]
     assert [r["q8_0_android"] for r in out] == ["", labels[2]]
     assert out[0][f"p_hf_{labels[0]}"] == f"{1 / len(labels):.4f}"
 

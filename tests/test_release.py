@@ -51,7 +51,7 @@ A, B, D = C.labels[0], C.labels[1], C.labels[2]
 
 
 def test_grid_shows_every_mistake_first_then_each_class_in_turn() -> None:
-    rows = [{"id": f"{i:02d}", "truth": t, "pred": p} for i, (t, p) in enumerate(
+    rows = [{"id": f"{i:02d}", "name": f"photo{i:02d}.jpg", "truth": t, "pred": p} for i, (t, p) in enumerate(
         [(A, A), (A, A), (B, B), (B, A), (A, INVALID), (D, D), (B, B)])]
     assert [r["id"] for r in grid_rows(rows, C.labels, 5)] == ["03", "04", "00", "02", "05"]
     assert [r["id"] for r in grid_rows(rows, C.labels, 2)] == ["03", "04"]
