@@ -76,7 +76,7 @@ def resolve(name: str | None, root: str | None = None) -> Remote:
         try:
             remote = repo.cloud.get_remote(name)
         except DvcException as exc:  # e.g. the driver is not installed
-            raise RemoteProblem(f"remote {name} ({conf['url']}): {exc}") from None
+            raise RemoteProblem(f"remote {name} ({redact(conf['url'])}): {exc}") from None
         return Remote(name=name, url=conf["url"], scheme=remote.fs.protocol if isinstance(remote.fs.protocol, str)
                       else remote.fs.protocol[0], path=remote.path, fs_args=dict(remote.fs.fs_args))
 
