@@ -156,7 +156,7 @@ def sync_gradients(params: list[torch.Tensor], loss: torch.Tensor, procs: Procs)
     (AdamW skips those; a zero gradient would still move it through the Adam moments).
     """
     if procs.world == 1:
-        return float(loss)
+        return float(loss.detach())
     has = torch.tensor([q.grad is not None for q in params], dtype=torch.int32, device=procs.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     synced = [q for q, h in zip(params, has.tolist()) if h]
