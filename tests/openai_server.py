@@ -17,7 +17,7 @@ It validates what it is sent (Bearer key, strict json_schema whose `element` enu
 the label set, image detail) and answers 400/401 otherwise, so a test that passes
 also proves the request's shape. Every request is logged with its time.
 
-`dialect="llama-cpp-python"` answers as that server's 0.3.36 does (tests/test_label_llama.py
+`dialect="llama-cpp-python"` answers as that server's 0.3.36 does (tests/test_label.py
 runs the real one): `response_format` only as `json_object` + `schema`, anything else
 refused with HTTP 500 and pydantic's message; the token limit read from `max_tokens`
 only, so without it an answer runs to the end of the context (`N_CTX`), cut off.
