@@ -19,6 +19,9 @@ def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]])
     if not m["eos"]["ok"]:
         fails.append(f"rung eos: contract EOS {m['eos']['contract']!r}, HF generation config {m['eos']['hf']!r}, "
                      f"GGUF {m['eos']['gguf']!r}")
+    if m["canvas"]["max_abs_diff"] > g["max_canvas_abs_diff"]:
+        fails.append(f"rung canvas: max_abs_diff {m['canvas']['max_abs_diff']:g} > {g['max_canvas_abs_diff']} "
+                     "(training canvas vs the Skia drawing of the app's canvas)" + names("canvas"))
     if m["layout"]["identical_rate"] < g["min_layout_identical_rate"]:
         fails.append(f"rung layout: identical_rate {m['layout']['identical_rate']:.3f} < "
                      f"{g['min_layout_identical_rate']}" + names("layout"))
