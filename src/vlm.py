@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,14 @@ def build_smollm2(seed: int) -> tuple[PreTrainedModel, Idefics3Processor]:
 def copy_text_weights(lm: PreTrainedModel, model: PreTrainedModel) -> None:
     """Copy a LlamaForCausalLM's weights into the VLM's text model; the shapes and rope must match exactly."""
     want, got = model.config.text_config, lm.config
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):
-        if getattr(want, key) != getattr(got, key):
-            raise ValueError(f"text config {key}: the VLM has {getattr(want, key)}, the language model {getattr(got, key)}")
-    if _rope_theta(want) != _rope_theta(got):
-        raise ValueError(f"text config rope theta: the VLM has {_rope_theta(want)}, the language model {_rope_theta(got)}")
+    # GGUF stores floats as float32: compare them to that precision
+    checks = {key: (getattr(want, key), getattr(got, key)) for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "rms_norm_eps", "tie_word_embeddings")}
+    checks["rope theta"] = (_rope_theta(want), _rope_theta(got))
+    for key, (a, b) in checks.items():
+        if not math.isclose(a, b, rel_tol=1e-6):
+            raise ValueError(f"text config {key}: the VLM has {a}, the language model {b}")
     src = {k.removeprefix("model."): v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
     text = model.model.text_model
     emb = src.pop("embed_tokens.weight")

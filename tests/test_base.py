@@ -85,8 +85,8 @@ def test_the_card_says_what_each_base_is() -> None:
 
 def test_readme_states_the_real_size_profile_of_these_tests() -> None:
     readme = (ROOT / "README.md").read_text()
-    cmd = re.search(r"dvc exp run -n real-size((?: \\\n| )+-S [^\n]+(?:\\\n[^\n]*)*)", readme)
-    assert cmd, "README: no `dvc exp run -n real-size -S ...` command"
+    cmd = re.search(r"dvc exp run -n real-size (.*?)\n```", readme, re.S)
+    assert cmd, "README: no `dvc exp run -n real-size -S ...` command in a code block"
     sets = dict(kv.split("=", 1) for kv in re.findall(r"-S (\S+)", cmd.group(1)))
     assert {k: yaml.safe_load(v) for k, v in sets.items()} == REAL_SIZE
 
