@@ -24,8 +24,8 @@ REAL_SIZE = {
     "base.source": "smollm2",
     "contract.vision.tile": 256,
     "contract.vision.longest_edge": 512,
-    "finetune.epochs": 6,
-    "finetune.lr": 0.001,
+    "finetune.epochs": 5,
+    "finetune.batch_size": 4,
 }
 DATA_STAGES = {"download", "resize256", "label", "split"}
 AFTER_BASE = {"base", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"}
