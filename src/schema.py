@@ -271,19 +271,24 @@ class Builder(Section):
         return self
 
 
+class Smollm2(Section):
+    seed: int
+
+
 class Base(Section):
-    source: Literal["builder", "hub", "local"]
+    source: Literal["builder", "smollm2", "hub", "local"]
     hub_id: str
     revision: str
     local_dir: str
     builder: Builder
+    smollm2: Smollm2
 
     @model_validator(mode="after")
     def pinned_or_there(self) -> Base:
         if self.source == "hub" and not SHA.fullmatch(self.revision):
             raise rule("revision", self.revision, "a hub model must be pinned to a commit (a branch moves)",
-                       f"a 40-hex commit sha: `hf api models {self.hub_id or '<hub_id>'}` or the model page's "
-                       "'Files and versions' > 'History', copy the full sha")
+                       f"a 40-hex commit sha: `hf models info {self.hub_id or '<hub_id>'} --expand sha`, or the "
+                       "model page's 'Files and versions' > 'History', copy the full sha")
         if self.source == "local" and not (Path(self.local_dir) / "config.json").is_file():
             raise rule("local_dir", self.local_dir, "no config.json there",
                        "a model folder in the hub's layout (save_pretrained)")
@@ -298,7 +303,6 @@ class Lora(Section):
 
 
 class Finetune(Section):
-    base: Base
     lora: Lora
     train_full: list[Literal["connector", "norm", "vision_model", "lm_head"]]
     train_answer_tokens: bool
@@ -331,6 +335,7 @@ class EvalParity(Section):
     min_agreement_q8_0: Rate
     max_invalid_rate_q8_0: Rate
     min_layout_identical_rate: Rate
+    max_canvas_abs_diff: Annotated[float, Field(ge=0, le=255)]
 
 
 class Grid(Section):
@@ -350,6 +355,7 @@ class Params(Section):
     resize256: Resize256
     label: Label
     split: Split
+    base: Base
     finetune: Finetune
     convert_gguf: ConvertGguf
     quantize_q8: QuantizeQ8

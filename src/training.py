@@ -1,5 +1,5 @@
-"""Fine-tuning pieces: the base model, LoRA, examples, the loss, one epoch (on one process or
-several), evaluation and resumable checkpoints.
+"""Fine-tuning pieces: LoRA, examples, the loss, one epoch (on one process or several),
+evaluation and resumable checkpoints. The base model is the base stage's output.
 
 `src/stages/finetune.py` runs them as a stage; the benchmark times the same functions.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from src import vlm
-from src.contract import PromptSpec, TargetSpec, VisionSpec
+from src.contract import PromptSpec, TargetSpec
 from src.records import write_text_atomic
 
 
@@ -55,24 +54,6 @@ class Example:
     label: str
     tensors: dict[str, torch.Tensor]  # input_ids, labels, pixel_values, pixel_attention_mask
     hidden: torch.Tensor | None = None  # cached vision encoder output
-
-
-def base_model(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> tuple[Any, Any]:
-    """The base model named by finetune.base.source, configured by the contract."""
-    source = base["source"]
-    if source == "builder":
-        model, processor = vlm.build(vlm.BuilderSpec(**base["builder"]), vision)
-    elif source == "hub":
-        # A branch name would let the same params train on different weights tomorrow.
-        if not re.fullmatch(r"[0-9a-f]{40}", base["revision"] or ""):
-            raise SystemExit(f"finetune.base.revision={base['revision']!r}: pin the hub model to a 40-hex commit sha")
-        model, processor = vlm.load(base["hub_id"], base["revision"])
-    elif source == "local":
-        model, processor = vlm.load(base["local_dir"])
-    else:
-        raise SystemExit(f"finetune.base.source={source!r}: expected builder, hub or local")
-    vlm.configure(model, processor, vision, target)
-    return model, processor
 
 
 def lora(model: Any, ft: dict[str, Any], answer_ids: list[int]) -> Any:

@@ -1,4 +1,4 @@
-"""finetune: a pinned base; the loss weighting that lets processes share a batch; checkpoints that resume
+"""finetune: the loss weighting that lets processes share a batch; checkpoints that resume
 exactly; and, run as a stage, two processes that learn what one learns (short and uneven batches
 included) and a killed run that resumes where an uninterrupted one ends."""
 
@@ -33,7 +33,7 @@ ONE = Procs(0, 1, torch.device("cpu"))
 # 7 training canvases in batches of 3: batches of 3, 3 and 1, so two processes get shares of
 # 2 and 1 examples, then 1 and none.
 N_TRAIN, N_VAL = 7, 4
-STAGE = {"finetune.base.builder": TINY_MODEL, "finetune.epochs": 4, "finetune.batch_size": 3}
+STAGE = {"base.builder": TINY_MODEL, "finetune.epochs": 4, "finetune.batch_size": 3}
 
 
 def demo_examples(processor: Any, n: int) -> list[Example]:
@@ -60,14 +60,6 @@ def examples(tiny_model: tuple[Any, Any]) -> list[Example]:
 
 def trainable_params(net: Any) -> list[torch.Tensor]:
     return [q for q in net.parameters() if q.requires_grad]
-
-
-def test_hub_base_must_be_pinned_to_a_commit() -> None:
-    from src.training import base_model
-
-    base = {"source": "hub", "hub_id": "HuggingFaceTB/SmolVLM-256M-Instruct", "revision": "main"}
-    with pytest.raises(SystemExit, match="40-hex commit sha"):
-        base_model(base, C.vision, C.target)
 
 
 def test_shares_weighted_by_answer_tokens_add_up_to_the_whole_batch(tiny_model: tuple[Any, Any],
@@ -136,7 +128,7 @@ def write_split(repo: Path) -> list[str]:
         rows.append({"id": f"{i:04d}", "canvas": f"{i:04d}.png", "canvas_sha256": sha256(png), "element": p.label})
     write_jsonl(repo / "data/split/train.jsonl", rows[:N_TRAIN])
     write_jsonl(repo / "data/split/val.jsonl", rows[N_TRAIN:])
-    return ["data/split", "data/resize256"]
+    return ["models/base", "data/split", "data/resize256"]
 
 
 def outs(name: str) -> list[str]:
@@ -150,8 +142,11 @@ ONE_PROCESS = ["python", "-m", "src.stages.finetune"]
 @pytest.fixture(scope="module")
 def stage_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repo holding only a tiny split, and finetune's outputs from one uninterrupted process."""
-    repo = copy_project(tmp_path_factory.mktemp("finetune") / "repo", STAGE, stages=("finetune",))
+    repo = copy_project(tmp_path_factory.mktemp("finetune") / "repo", STAGE, stages=("base", "finetune"))
     args = write_split(repo)
+    res = subprocess.run(["python", "-m", "src.stages.base", "models/base"], cwd=repo, env=ENV, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
     res = subprocess.run([*ONE_PROCESS, *args, *outs("one")], cwd=repo, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     return repo
@@ -165,7 +160,7 @@ def weights(repo: Path, name: str) -> dict[str, torch.Tensor]:
 def test_two_processes_train_like_one_with_short_and_uneven_batches(stage_repo: Path) -> None:
     """torchrun on CPU (gloo): every batch dealt to two processes, one of them short or empty."""
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "src.stages.finetune"]
-    res = subprocess.run([*cmd, "data/split", "data/resize256", *outs("two")], cwd=stage_repo, env=ENV,
+    res = subprocess.run([*cmd, "models/base", "data/split", "data/resize256", *outs("two")], cwd=stage_repo, env=ENV,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = (json.loads((stage_repo / f"m-{n}.json").read_text()) for n in ("one", "two"))
@@ -179,7 +174,7 @@ def test_two_processes_train_like_one_with_short_and_uneven_batches(stage_repo: 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(stage_repo: Path) -> None:
-    cmd = [*ONE_PROCESS, "data/split", "data/resize256", *outs("killed")]
+    cmd = [*ONE_PROCESS, "models/base", "data/split", "data/resize256", *outs("killed")]
     proc = subprocess.Popen(cmd, cwd=stage_repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:

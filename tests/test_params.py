@@ -77,7 +77,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"finetune.epochs": 0}, "finetune.epochs"),
     ({"finetune.batch_size": 2.5}, "finetune.batch_size"),
     ({"finetune.epoch": 8}, "finetune.epoch"),  # misspelt: refused, not silently ignored
-    ({"finetune.base.source": "hub"}, "finetune.base.revision"),
+    ({"base.source": "hub"}, "base.revision"),
     ({"convert_gguf.text_outtypes": ["f16"]}, "convert_gguf.text_outtypes"),
     ({"quantize_q8.ftype": "q4_0"}, "quantize_q8.ftype"),
     ({"eval_parity.min_agreement_q8_0": 1.2}, "eval_parity.min_agreement_q8_0"),

@@ -14,7 +14,7 @@ from tests.conftest import run, set_param
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "resize256", "label", "split", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"]
+STAGES = ["download", "resize256", "label", "split", "base", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"]
 
 
 def ran(output: str) -> set[str]:

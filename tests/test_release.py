@@ -123,8 +123,8 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert card["metrics"]["test_q8_0"]["accuracy"] == parity["accuracy"]["q8_0"]
     per_class = card["metrics"]["test_q8_0"]["per_class"]
     assert sum(v["n"] for v in per_class.values()) == parity["n_test"]
-    assert card["base_model"]["revision"] == params["finetune"]["base"]["revision"]
-    assert card["base_model"]["hub_id"] == params["finetune"]["base"]["hub_id"]
+    assert card["base_model"]["revision"] == params["base"]["revision"]
+    assert card["base_model"]["hub_id"] == params["base"]["hub_id"]
     for split in ("train", "val", "test"):
         n = len((tiny_repo / p["split"] / f"{split}.jsonl").read_text().splitlines())
         assert card["data"][split]["n"] == n

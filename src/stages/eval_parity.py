@@ -87,7 +87,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
     label_ids = vlm.label_token_ids(tok, contract.labels, contract.target)
     gen = contract.generation
     out: list[Row] = []
-    offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": []}
+    offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": [],
+                                       "canvas": []}
     canvas_diffs, canvas_psnrs, stored_same, flips, image_tokens = [], [], [], 0, set()
     logit_diffs, kls = [], []
     with LlamaVLM(*f16, n_ctx=n_ctx) as vf16, LlamaVLM(*q8, n_ctx=n_ctx) as vq8:
@@ -102,6 +103,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             if r["id"] in photos:
                 _, android, diff, p, same = canvas_rung(photos[r["id"]], stored, contract)
                 canvas_diffs.append(diff)
+                if diff > 0:
+                    offenders["canvas"].append(r["id"])
                 canvas_psnrs.append(p)
                 stored_same.append(same)
                 a_ans = vq8.generate(prompt, android, gen)

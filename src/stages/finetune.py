@@ -1,13 +1,15 @@
 """finetune: teach the base SmolVLM to answer the app prompt with one element, then merge.
 
-Inputs:  SPLIT/{train,val}.jsonl and the canvases under RESIZE256.
+Inputs:  BASE/ the base model as the base stage fitted it to the contract, SPLIT/{train,val}.jsonl and
+         the canvases under RESIZE256.
 Outputs: OUT/ a merged safetensors checkpoint with processor and tokenizer, configured by the
          contract (geometry, EOS, text architecture) for conversion; METRICS (val accuracy,
          val loss, samples/s, epochs); LIVE/ DVCLive logs for `dvc plots`.
          CKPT/ (scratch outside DVC's outputs) holds the last epoch, so a killed run resumes where it
          stopped; it is keyed by a fingerprint of params and data and ignored when they differ.
 Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, contract.vision.*
-Command: python -m src.stages.finetune data/split data/resize256 models/finetune metrics/finetune.json \
+         (the base model's own params, base.*, are the base stage's)
+Command: python -m src.stages.finetune models/base data/split data/resize256 models/finetune metrics/finetune.json \
              metrics/finetune_live .cache/finetune_ckpt
          torchrun --nproc_per_node N -m src.stages.finetune ...   (or `accelerate launch`: the same script
              on N processes; each takes its share of every batch, see src/training.py)
@@ -34,8 +36,8 @@ from tqdm import tqdm
 from src import vlm
 from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
 from src.params import stage_params
-from src.records import read_jsonl, write_json
-from src.training import Example, NullLive, Procs, base_model, evaluate, fingerprint, load_checkpoint, \
+from src.records import read_jsonl, sha256_file, write_json
+from src.training import Example, NullLive, Procs, evaluate, fingerprint, load_checkpoint, \
     load_examples, lora, save_checkpoint, start_processes, stop_processes, train_epoch, trainable
 
 LOGGED = ("train_loss", "val_loss", "val_acc")
@@ -70,7 +72,8 @@ def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     ft, c = p["finetune"], p["contract"]
     prompt, labels, target, vision = PromptSpec(**c["prompt"]), labels_of(c), TargetSpec(**c["target"]), VisionSpec(**c["vision"])
     torch.manual_seed(ft["seed"])
-    model, processor = base_model(ft["base"], vision, target)
+    model, processor = vlm.load(str(args.base))
+    vlm.configure(model, processor, vision, target)  # a no-op on a base stage output; refuses a stale one
     model.to(procs.device)
     label_ids = vlm.label_token_ids(processor.tokenizer, labels, target)
     train_rows, val_rows = read_jsonl(args.split / "train.jsonl"), read_jsonl(args.split / "val.jsonl")
@@ -83,7 +86,8 @@ def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     net = peft_model.get_base_model()
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
-    fp = fingerprint(p, train_rows + val_rows)
+    # the base's weights are part of what a checkpoint was trained on; its params are not ours to read
+    fp = fingerprint({**p, "base_sha256": sha256_file(args.base / "model.safetensors")}, train_rows + val_rows)
     resumed = load_checkpoint(args.ckpt, net, opt, params, fp)
     if resumed:
         print(f"finetune: resuming after epoch {resumed[1]['epoch']} from {args.ckpt}")
@@ -138,7 +142,7 @@ def save(run: Run, out: Path, metrics: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("split", "canvases", "out", "metrics", "live", "ckpt"):
+    for name in ("base", "split", "canvases", "out", "metrics", "live", "ckpt"):
         ap.add_argument(name, type=Path)
     args = ap.parse_args()
     p = stage_params("finetune")

@@ -9,7 +9,7 @@ Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
            model_card.json  metrics, base model, data counts, params, runtime versions, DVC hashes
            model_card.md    the same for people
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
-Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, finetune.base.* and the
+Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, base.source/hub_id/revision/local_dir/smollm2.seed and the
          training params the card reports, quantize_q8.ftype, release.grid.*, release.min_accuracy,
          release.min_class_accuracy
 
@@ -44,6 +44,7 @@ import yaml
 from PIL import Image
 
 from src import plots
+from src.bases import describe
 from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
 from src.gates import QUALITY_ADVICE, gates, quality_gates
@@ -128,21 +129,13 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
         llm.close()
 
 
-def base_model(base: dict[str, Any]) -> str:
-    if base["source"] == "hub":
-        return f"{base['hub_id']} at revision {base['revision']}"
-    if base["source"] == "local":
-        return f"local directory {base['local_dir']}"
-    return f"built in-process (finetune.base.builder, random init): a SmolVLM-shaped demo model, not {base['hub_id']}"
-
-
 def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], finetune: dict[str, Any],
                per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], dvc: dict[str, str]) -> dict[str, Any]:
-    base = p["finetune"]["base"]
+    base = p["base"]
     return {
         "name": "SmolVLM five-element classifier",
         "labels": list(contract.labels),
-        "base_model": {**base, "description": base_model(base)},
+        "base_model": {**base, "description": describe(base)},
         "runtime": {"engine": "llama.cpp mtmd", "text": f"{BUNDLE['model']} ({p['quantize_q8']['ftype']})",
                     "mmproj": BUNDLE["mmproj"], "n_ctx": p["eval_parity"]["n_ctx"],
                     "decoding": "greedy as contract.generation, constrained by grammar.gbnf"},
@@ -219,12 +212,12 @@ def main() -> None:
         invalid = sum(x == plots.INVALID for x in pred)
         ft = p["finetune"]
         raise SystemExit(
-            f"release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
-            f"released\n  " + "\n  ".join(fails) + "\n"
+            "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
+            "released\n  " + "\n  ".join(fails) + "\n"
             f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
             f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
             f"  Try: {QUALITY_ADVICE}; now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
-            f"finetune.base.source {ft['base']['source']}")
+            f"base.source {p['base']['source']}")
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
     copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
