@@ -458,11 +458,11 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from src import vlm
     from src.contract import Contract
     from src.llama_build import convert
-    from tests.test_vlm import TINY
+    from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
     c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
-    model, processor = vlm.build(TINY, c.vision)
+    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
     close_strings_soon(model, processor.tokenizer)
     vlm.save(model, processor, tmp / "hf")
