@@ -88,7 +88,7 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
 
     p = params()["finetune"]
     vision = vision or c.vision
-    model, processor = vlm.build(spec or vlm.BuilderSpec(**p["base"]["builder"]), vision)
+    model, processor = vlm.build(spec or vlm.BuilderSpec(**params()["base"]["builder"]), vision)
     vlm.configure(model, processor, vision, c.target)
     label_ids = vlm.label_token_ids(processor.tokenizer, c.labels, c.target)
     exs = [Example(str(i), lab, vlm.training_example(processor, c.prompt, c.labels, c.target, canvas, lab))

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from src import bases, vlm
-from src.contract import Contract, TargetSpec, VisionSpec
+from src.contract import Contract, VisionSpec
 from tests.conftest import ROOT, make_repo, run, set_param
 
 C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
@@ -20,10 +20,11 @@ TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # The real-size profile, as the README's `dvc exp run` states it (a test below keeps the two equal).
+STOCK_TILE = vlm.SMOLVLM_256M_VISION["image_size"]  # 512: SigLIP-base's tiles
 REAL_SIZE = {
     "base.source": "smollm2",
-    "contract.vision.tile": 256,
-    "contract.vision.longest_edge": 512,
+    "contract.vision.tile": STOCK_TILE // 2,  # re-tiled: 80 image tokens instead of 1088
+    "contract.vision.longest_edge": STOCK_TILE,
     "finetune.epochs": 5,
     "finetune.batch_size": 4,
 }
@@ -61,13 +62,13 @@ def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     model, processor = vlm.build(TINY, VisionSpec(tile=64, longest_edge=128))
     model.save_pretrained(tmp_path / "hub", safe_serialization=True)
     processor.save_pretrained(tmp_path / "hub")
-    vision, target = VisionSpec(tile=32, longest_edge=64), TargetSpec(prefix=" ", eos="<end_of_utterance>")
+    vision, target = VisionSpec(tile=32, longest_edge=64), C.target
     got, proc, info = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")), vision, target)
     assert info["native_tile"] == 64 and info["tile"] == 32 and info["retiled"] is True
     assert got.config.vision_config.image_size == 32
     assert got.model.vision_model.embeddings.position_embedding.weight.shape[0] == (32 // TINY.patch) ** 2
     assert proc.image_processor.size == {"longest_edge": 64} and proc.image_processor.max_image_size == {"longest_edge": 32}
-    assert proc.tokenizer.eos_token == "<end_of_utterance>"
+    assert proc.tokenizer.eos_token == C.target.eos
     assert info["image_seq_len"] == proc.image_seq_len == (32 // TINY.patch // TINY.scale_factor) ** 2
     # a base already at the contract's tile is not touched
     _, _, same = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")),
@@ -155,8 +156,9 @@ def test_real_size_local_directory_runs_end_to_end(tmp_path: Path) -> None:
                                          "finetune.epochs": 2})
     run(["dvc", "repro"], repo)
     info = json.loads((repo / "models/base/base.json").read_text())
-    assert (info["source"], info["native_tile"], info["tile"], info["retiled"]) == ("local", 512, 256, True)
-    assert json.loads((repo / "models/base/config.json").read_text())["vision_config"]["image_size"] == 256
+    tile = REAL_SIZE["contract.vision.tile"]
+    assert (info["source"], info["native_tile"], info["tile"], info["retiled"]) == ("local", STOCK_TILE, tile, True)
+    assert json.loads((repo / "models/base/config.json").read_text())["vision_config"]["image_size"] == tile
     m = json.loads((repo / "metrics/parity.json").read_text())
     print("real-size local-dir parity:", json.dumps(m))
     assert m["layout"]["identical_rate"] == 1.0 and m["agreement"]["f16"] == 1.0
