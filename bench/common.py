@@ -20,12 +20,8 @@ from src.params import ROOT
 CACHE = ROOT / ".cache" / "bench"
 OUT = ROOT / "bench" / "out"
 
-# SmolVLM-256M's geometry (issue 7): SigLIP-B/16 at 512 px, SmolLM2-135M-shaped text model.
-STOCK_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    patch_size=16, image_size=512)
-STOCK_TEXT = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3)
-STOCK_SCALE = 4
+# SmolVLM-256M's pixel shuffle (its shapes live in src/vlm.py: SMOLVLM_256M_*).
+STOCK_SCALE = vlm.SMOLVLM_256M_SCALE
 # The same shapes for the offline builder (its intermediates are 2 x hidden: a little lighter than SigLIP's 4 x).
 SMOLVLM_256M_SHAPES = vlm.BuilderSpec(vision_hidden=768, vision_layers=12, vision_heads=12, patch=16, scale_factor=4,
                                       text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, seed=0)

@@ -5,16 +5,19 @@ Outputs: a table on stdout: images/s for the seed function (one process, as the 
          it), for our path on one core, and for our path over --workers processes (the
          stage's pool), with the ratios ours / seed.
 Command: python -m bench.resize [--n 100] [--images data/download/images] [--workers 2] [--repeat 3]
+                                [--resample bilinear|lanczos|skia_bilinear]   (default: the contract's)
 
 Both sides start from file bytes and end with the same lossless PNG encoder, so the
 ratio compares decode + scale + draw. The seed uses LANCZOS and drops alpha; ours is
-the contract (bilinear, premultiplied alpha over black, float32 fit). The best of
+the contract's canvas (params.yaml; skia_bilinear by default: Skia's own drawing of the app's
+createScaledBitmap + drawBitmap), premultiplied alpha over black, float32 fit. The best of
 --repeat timings is kept: on a shared machine the minimum is the least noisy estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import time
@@ -27,9 +30,9 @@ from PIL import Image
 from src import demo
 from src.canvas import BadImage, canvas_png, render_png
 from src.contract import CanvasSpec
+from bench.common import contract
 
-SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
-LABELS = ("water", "land", "fire", "wood", "metal")
+SPEC, LABELS = contract().canvas, contract().labels  # what resize256 draws: params.yaml's contract
 
 
 def resize_for_android(image: Image.Image, target_size: int = 256) -> Image.Image:
@@ -47,9 +50,9 @@ def seed_path(data: bytes) -> bytes:
     return canvas_png(resize_for_android(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
-def our_path(data: bytes) -> bytes:
+def our_path(data: bytes, spec: CanvasSpec = SPEC) -> bytes:
     try:
-        return render_png(data, SPEC)
+        return render_png(data, spec)
     except BadImage:
         return b""  # counted like a rendered one: the stage pays for the attempt too
 
@@ -75,15 +78,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="number of photos")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--resample", default=SPEC.resample, help="the canvas filter of our path (default: the contract's)")
     args = ap.parse_args()
+    spec = CanvasSpec(**{**SPEC.__dict__, "resample": args.resample})
+    ours = functools.partial(our_path, spec=spec)
     photos = load_images(args.images, args.n)
     mpix = sum(Image.open(io.BytesIO(d)).width * Image.open(io.BytesIO(d)).height for d in photos) / 1e6
-    print(f"bench.resize: {len(photos)} photos, {mpix:.1f} Mpixel, {os.cpu_count()} cores, best of {args.repeat}")
+    print(f"bench.resize: {len(photos)} photos, {mpix:.1f} Mpixel, {os.cpu_count()} cores, best of {args.repeat}, "
+          f"ours with resample={spec.resample}")
     seed_s = best_of(args.repeat, lambda: [seed_path(d) for d in photos])
-    ours_1 = best_of(args.repeat, lambda: [our_path(d) for d in photos])
+    ours_1 = best_of(args.repeat, lambda: [ours(d) for d in photos])
     with ProcessPoolExecutor(args.workers) as pool:
-        list(pool.map(our_path, photos[: args.workers * 2]))  # start the workers outside the timing
-        ours_n = best_of(args.repeat, lambda: list(pool.map(our_path, photos, chunksize=4)))
+        list(pool.map(ours, photos[: args.workers * 2]))  # start the workers outside the timing
+        ours_n = best_of(args.repeat, lambda: list(pool.map(ours, photos, chunksize=4)))
     rate = {k: len(photos) / v for k, v in (("seed", seed_s), ("ours_1", ours_1), ("ours_n", ours_n))}
     print(f"  seed resize_for_android, 1 process : {rate['seed']:8.1f} images/s")
     print(f"  resize256 path, 1 process          : {rate['ours_1']:8.1f} images/s   ratio {rate['ours_1'] / rate['seed']:.2f}x")

@@ -4,9 +4,11 @@ Two parts:
   geometry_candidates  every candidate (tile, longest_edge) on a tiny proxy with SmolVLM-256M's
                        patch 16 / scale 4 (layout depends on geometry only, not on width): transformers
                        ids vs llama.cpp's mtmd chunks, token counts, layout parity.
-  at_scale             SmolVLM-256M-sized random model, stock geometry (tile 512, longest_edge 2048)
-                       vs the chosen one (the same encoder re-tiled to 256, longest_edge 512): tokens,
-                       layout parity and prefill time per photo in llama.cpp, same text GGUF, one run.
+  at_scale             the real-size base (base.source smollm2: SmolVLM-256M's architecture, SmolLM2-135M
+                       text weights, seeded vision tower) at the three layout-identical geometries: stock
+                       (tile 512, longest_edge 2048), chosen (re-tiled to 256, longest_edge 512) and small
+                       (re-tiled to 128, longest_edge 256): tokens, layout parity and llama.cpp time per
+                       photo (image encode + prefill to the first answer logits), same text GGUF, one run.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.common import (CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, STOCK_TEXT, STOCK_VISION, median_time,
-                          timed)
+from bench.common import CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, median_time, timed
 from src import geometry, vlm
 from src.contract import Contract, VisionSpec
 from src.llama_build import convert
@@ -31,6 +32,9 @@ from src.llama_runtime import LlamaVLM, expand
 CANDIDATES = [(512, 2048), (512, 1024), (512, 512), (256, 512), (256, 256), (128, 256)]
 CHOSEN = VisionSpec(tile=256, longest_edge=512)
 STOCK = VisionSpec(tile=512, longest_edge=STOCK_LONGEST_EDGE)
+SMALL = VisionSpec(tile=128, longest_edge=256)
+# The layout-identical geometries timed at real size, the stock one first (the ratios' baseline).
+AT_SCALE = {"stock": STOCK, "chosen": CHOSEN, "small": SMALL}
 PROXY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     patch_size=16, image_size=512)
 PROXY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -77,49 +81,57 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
 
 
 def _fingerprint(c: Contract) -> str:
-    spec = [STOCK_VISION, STOCK_TEXT, STOCK_SCALE, STOCK.__dict__, CHOSEN.__dict__, c.target.__dict__, 1]
+    spec = ["smollm2 seed 0", vlm.SMOLVLM_256M_VISION, vlm.SMOLVLM_256M_TEXT, vlm.SMOLVLM_256M_SCALE,
+            {k: v.__dict__ for k, v in AT_SCALE.items()}, c.target.__dict__, 2]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stock_ggufs(c: Contract) -> dict[str, Path]:
-    """Text GGUF + stock mmproj + re-tiled mmproj of the random SmolVLM-256M, built once and cached.
+    """Text GGUF + one mmproj per AT_SCALE geometry of the real-size base, built once and cached.
 
-    The text model is untouched by re-tiling, so one text GGUF serves both geometries: the prefill
-    ratio compares image cost on the same model. f16 is what convert_gguf ships for the mmproj.
+    Re-tiling leaves the text model untouched, so one text GGUF serves every geometry: the ratios
+    compare image cost on the same model. Each geometry is re-tiled from the stock 512 px encoder
+    (as the base stage does). f16 is what convert_gguf ships for the mmproj.
     """
-    root = CACHE / f"stock-{_fingerprint(c)}"
-    files = {"text": root / "text-f16.gguf", "stock": root / "mmproj-stock-f16.gguf",
-             "chosen": root / "mmproj-chosen-f16.gguf", "stock_hf": root / "hf-stock", "chosen_hf": root / "hf-chosen"}
-    if all(files[k].exists() for k in ("text", "stock", "chosen")):
+    import copy
+
+    root = CACHE / f"real-{_fingerprint(c)}"
+    files = {"text": root / "text-f16.gguf"}
+    for name in AT_SCALE:
+        files[name], files[f"{name}_hf"] = root / f"mmproj-{name}-f16.gguf", root / f"hf-{name}"
+    if all(files[k].exists() for k in ("text", *AT_SCALE)):
         return files
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    steps = tqdm(total=6, desc="SmolVLM-256M-sized model (random)")
-    model, processor = vlm.build_sized(STOCK_VISION, STOCK_TEXT, STOCK_SCALE, seed=0)
-    vlm.configure(model, processor, STOCK, c.target)
-    vlm.save(model, processor, files["stock_hf"]); steps.update()  # noqa: E702
-    convert(files["stock_hf"], files["text"], "f16"); steps.update()  # noqa: E702
-    convert(files["stock_hf"], files["stock"], "f16", mmproj=True); steps.update()  # noqa: E702
-    geometry.retile(model, processor, CHOSEN.tile)
-    vlm.configure(model, processor, CHOSEN, c.target)
-    vlm.save(model, processor, files["chosen_hf"]); steps.update()  # noqa: E702
-    convert(files["chosen_hf"], files["chosen"], "f16", mmproj=True); steps.update()  # noqa: E702
-    # keep only the processors (small) for the layout check; the 1 GB safetensors are not needed again
-    for k in ("stock_hf", "chosen_hf"):
-        for f in files[k].glob("*.safetensors"):
-            f.unlink()
+    steps = tqdm(total=1 + 2 * len(AT_SCALE), desc="real-size base (SmolLM2 text weights, seeded vision)")
+    stock_model, stock_processor = vlm.build_smollm2(seed=0)
     steps.update()
+    for name, spec in AT_SCALE.items():
+        model, processor = (stock_model, stock_processor) if name == "stock" else \
+            (copy.deepcopy(stock_model), copy.deepcopy(stock_processor))
+        if spec.tile != model.config.vision_config.image_size:
+            geometry.retile(model, processor, spec.tile)
+        vlm.configure(model, processor, spec, c.target)
+        vlm.save(model, processor, files[f"{name}_hf"])
+        if name == "stock":
+            convert(files["stock_hf"], files["text"], "f16")
+        convert(files[f"{name}_hf"], files[name], "f16", mmproj=True); steps.update()  # noqa: E702
+        # keep only the processor (small) for the layout check; the 1 GB safetensors are not needed again
+        for f in files[f"{name}_hf"].glob("*.safetensors"):
+            f.unlink()
+        steps.update()
     steps.close()
     return files
 
 
 def at_scale(c: Contract, canvas: Any, reps_stock: int, reps_chosen: int) -> dict[str, Any]:
-    """Tokens, layout parity and median prefill seconds per photo, stock vs chosen, one process."""
+    """Tokens, layout parity and median seconds per photo for each AT_SCALE geometry, one process."""
     from transformers import Idefics3Processor
 
     files = stock_ggufs(c)
     res: dict[str, Any] = {}
-    for name, spec, reps in (("chosen", CHOSEN, reps_chosen), ("stock", STOCK, reps_stock)):
+    for name, spec in AT_SCALE.items():
+        reps = reps_stock if name == "stock" else reps_chosen
         processor = Idefics3Processor.from_pretrained(files[f"{name}_hf"])
         with LlamaVLM(files["text"], files[name], n_ctx=2048, n_threads=2) as v:
             prompt = c.prompt_for(v.marker())
@@ -127,7 +139,7 @@ def at_scale(c: Contract, canvas: Any, reps_stock: int, reps_chosen: int) -> dic
             ids = vlm.prompt_inputs(processor, c.prompt, c.labels, canvas)["input_ids"][0].tolist()
             chunks = v.layout(prompt, canvas)
             n_img = sum(ch.n_tokens for ch in chunks if ch.kind == "image")
-            print(f"  prefill {name} (tile {spec.tile}, longest_edge {spec.longest_edge}, {n_img} image tokens) "
+            print(f"  per photo {name} (tile {spec.tile}, longest_edge {spec.longest_edge}, {n_img} image tokens) "
                   f"x{reps} ...", flush=True)
             # the first call allocates the compute graphs; time it too, as the app's first photo pays it
             first, _ = timed(lambda: v.first_logits(prompt, canvas))
@@ -135,6 +147,9 @@ def at_scale(c: Contract, canvas: Any, reps_stock: int, reps_chosen: int) -> dic
             res[name] = {"tile": spec.tile, "longest_edge": spec.longest_edge, "image_tokens": n_img,
                          "prompt_tokens": len(ids), "layout_identical": expand(chunks, image_id) == ids,
                          "prefill_s": sec, "first_call_s": first}
+    for name in AT_SCALE:
+        res[name]["time_ratio_to_stock"] = res[name]["prefill_s"] / res["stock"]["prefill_s"]
+        res[name]["token_ratio_to_stock"] = res[name]["image_tokens"] / res["stock"]["image_tokens"]
     res["token_ratio"] = res["stock"]["image_tokens"] / res["chosen"]["image_tokens"]
     res["prefill_ratio"] = res["stock"]["prefill_s"] / res["chosen"]["prefill_s"]
     res["files"] = {k: str(v) for k, v in files.items()}

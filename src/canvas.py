@@ -158,7 +158,7 @@ def android_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
     import skia  # only the reference and `skia_bilinear` need it
 
     new_w, new_h, left, top = fit_box(img.width, img.height, spec.size)
-    rgba = np.ascontiguousarray(np.asarray(img.convert("RGBA")))
+    rgba = np.array(img.convert("RGBA"))  # a writable copy: `drop` sets the alpha channel in place
     if spec.alpha == "drop":
         rgba[..., 3] = 255
     src = skia.Image.fromarray(rgba, colorType=skia.kRGBA_8888_ColorType, alphaType=skia.kUnpremul_AlphaType)

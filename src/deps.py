@@ -20,6 +20,9 @@ from pathlib import Path
 from src.params import ROOT
 
 STAGES = "src/stages"
+# Imported by every stage but unable to change what a stage computes: the schema only accepts or
+# refuses params (it never alters a value), so a new range or enum must not rerun the pipeline.
+NOT_DEPS = {"src/schema.py"}
 
 
 def module_file(name: str, root: Path) -> Path | None:
@@ -43,9 +46,11 @@ def imports(path: Path, root: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from src import vlm` imports src/vlm.py; `from src.x import f` imports src/x.py
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        # importing src.teacher.client first runs src/teacher/__init__.py: every parent package counts
+        names = [".".join(n.split(".")[:i]) for n in names for i in range(2, n.count(".") + 2)]
         for name in names:
             f = module_file(name, root)
-            if f is not None and f.name != "__init__.py":
+            if f is not None:  # a package's __init__.py runs on import: it counts
                 found.add(f)
     return found
 
@@ -63,7 +68,8 @@ def closure(start: Path, root: Path) -> set[Path]:
 def code_deps(stage: str, root: Path = ROOT) -> list[str]:
     """The sorted repo-relative code files stage `stage` runs."""
     start = root / STAGES / f"{stage}.py"
-    return sorted(p.relative_to(root).as_posix() for p in closure(start, root))
+    return sorted(p.relative_to(root).as_posix() for p in closure(start, root)
+                  if p.relative_to(root).as_posix() not in NOT_DEPS)
 
 
 def is_code(dep: str) -> bool:
@@ -75,7 +81,7 @@ def stage_imports_stage(root: Path = ROOT) -> list[str]:
     out = []
     for f in sorted((root / STAGES).glob("*.py")):
         for g in sorted(imports(f, root)):
-            if g.parent == root / STAGES and g != f:
+            if g.parent == root / STAGES and g != f and g.name != "__init__.py":
                 out.append(f"{f.relative_to(root)} imports {g.relative_to(root)}")
     return out
 

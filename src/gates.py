@@ -30,6 +30,9 @@ def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]])
     if not m["eos"]["ok"]:
         fails.append(f"rung eos: contract EOS {m['eos']['contract']!r}, HF generation config {m['eos']['hf']!r}, "
                      f"GGUF {m['eos']['gguf']!r}")
+    if m["canvas"]["max_abs_diff"] > g["max_canvas_abs_diff"]:
+        fails.append(f"rung canvas: max_abs_diff {m['canvas']['max_abs_diff']:g} > {g['max_canvas_abs_diff']} "
+                     "(training canvas vs the Skia drawing of the app's canvas)" + names("canvas"))
     if m["layout"]["identical_rate"] < g["min_layout_identical_rate"]:
         fails.append(f"rung layout: identical_rate {m['layout']['identical_rate']:.3f} < "
                      f"{g['min_layout_identical_rate']}: llama.cpp's prompt tokens and image positions differ from "
@@ -65,7 +68,7 @@ def class_coverage_gate(per_class: dict[str, int]) -> str | None:
 
 # What to try when the model is not good enough; the params are the ones a user changes.
 QUALITY_ADVICE = ("more photos per class (download.*), more training (finetune.epochs), another learning rate "
-                  "(finetune.lr), a real base model (finetune.base.source: hub with finetune.base.revision)")
+                  "(finetune.lr), a real base model (base.source: smollm2, or hub with base.revision)")
 
 
 def quality_gates(accuracy: float, per_class: dict[str, dict[str, Any]], q: dict[str, Any]) -> list[str]:

@@ -149,11 +149,13 @@ class LlamaVLM:
         self._prefill(prompt, canvas)
         return self._logits()
 
-    def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec, grammar: str | None = None) -> Answer:
+    def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec, grammar: str | None = None,
+                 stop_at_eos: bool = True) -> Answer:
         """Decode as the app does. Only greedy is implemented, so the contract must say greedy.
 
         `grammar` (GBNF text, see src/grammar.py) constrains every step to what it admits, with
-        llama.cpp's grammar sampler; None (the default) decodes unconstrained.
+        llama.cpp's grammar sampler; None (the default) decodes unconstrained. `stop_at_eos=False`
+        runs the whole max_new_tokens budget (the benchmark's cost of an EOS that never comes).
         """
         if not gen.greedy:
             raise ValueError(f"only greedy decoding is reproducible for parity; contract.generation={gen}")
@@ -169,7 +171,7 @@ class LlamaVLM:
             constraint = Constraint(vocab, grammar, self.llm.n_vocab())
         for _ in range(gen.max_new_tokens):
             tok = int(np.argmax(logits if constraint is None else constraint.mask(logits)))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            if stop_at_eos and llama_cpp.llama_vocab_is_eog(vocab, tok):
                 stopped = True
                 break
             if constraint is not None:

@@ -5,16 +5,25 @@ read any key of params.yaml, a change to an undeclared key would silently
 leave a stale output behind. `stage_params` makes "declared" and "read" the
 same set: it returns a nested dict that holds the declared leaf keys and
 nothing else, so reading an undeclared key is a KeyError, not a stale cache.
+
+Before that, the whole params.yaml is checked against its typed schema
+(`src/schema.py`): a typo stops the stage with one line per problem and exit
+code 2, before any work. A stage may also declare pins of `runtime.yaml` (the
+software that decides its bytes or its verdict); those are checked against what
+is installed, so a stage never runs on another runtime than the one DVC hashed.
 """
 
 from __future__ import annotations
 
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = "runtime.yaml"
 
 
 def _get(tree: dict[str, Any], dotted: str, source: Path) -> Any:
@@ -33,18 +42,25 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
-    """The param keys `stage` lists in dvc.yaml (plain keys of params.yaml only)."""
+def declared(stage: str, dvc_yaml: Path) -> dict[str, list[str]]:
+    """{params file: keys} that `stage` lists in dvc.yaml (params.yaml and runtime.yaml only)."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     if stage not in stages:
         raise KeyError(f"{dvc_yaml}: no stage {stage!r}")
-    keys: list[str] = []
+    keys: dict[str, list[str]] = {"params.yaml": []}
     for entry in stages[stage].get("params", []):
         if isinstance(entry, str):
-            keys.append(entry)
-        else:  # {"other.yaml": [keys]} is not used here; refuse rather than ignore it
+            keys["params.yaml"].append(entry)
+        elif set(entry) == {RUNTIME}:
+            keys[RUNTIME] = list(entry[RUNTIME])
+        else:  # another params file would be read by nobody here; refuse rather than ignore it
             raise ValueError(f"{dvc_yaml}: stage {stage!r} reads params from another file: {entry}")
     return keys
+
+
+def declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
+    """The params.yaml keys `stage` lists in dvc.yaml."""
+    return declared(stage, dvc_yaml)["params.yaml"]
 
 
 def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, Any]:
@@ -55,8 +71,45 @@ def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, A
     return out
 
 
+def runtime_mismatches(pins: dict[str, str]) -> list[str]:
+    """One line per pinned distribution whose installed version differs (or is missing)."""
+    out = []
+    for dist, want in pins.items():
+        try:
+            have = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            have = "not installed"
+        if have.split("+")[0] != str(want):  # 2.13.0+cpu is a build of 2.13.0
+            out.append(f"{RUNTIME}: {dist} = {want!r}: installed is {have}; expected the pinned version "
+                       f"(run `make setup`, which installs {RUNTIME}'s pins)")
+    return out
+
+
+def fail(lines: list[str]) -> None:
+    """A user's mistake: one line each on stderr, exit code 2, no traceback."""
+    print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
+
+
 def stage_params(stage: str, root: Path = ROOT) -> dict[str, Any]:
-    """The params that `stage` declares in `root/dvc.yaml`, read from `root/params.yaml`."""
+    """The params that `stage` declares in `root/dvc.yaml`, read from `root/params.yaml`.
+
+    The whole file is validated first; runtime pins the stage declares must be the installed ones.
+    """
+    from src.schema import ParamsError, validate  # pydantic: only stages pay for it
+
     source = root / "params.yaml"
     params = yaml.safe_load(source.read_text())
-    return select(params, declared_keys(stage, root / "dvc.yaml"), source)
+    try:
+        validate(params)
+    except ParamsError as e:
+        fail(e.lines)
+    keys = declared(stage, root / "dvc.yaml")
+    out = select(params, keys["params.yaml"], source)
+    if RUNTIME in keys:  # handed over as out["runtime"]: the model card reports the versions
+        pins = yaml.safe_load((root / RUNTIME).read_text())
+        out["runtime"] = {k: str(_get(pins, k, root / RUNTIME)) for k in keys[RUNTIME]}
+        bad = runtime_mismatches(out["runtime"])
+        if bad:
+            fail(bad)
+    return out

@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from PIL import Image
 
-from src.answers import parse_answer, softmax
+from src.answers import label_probs, label_token_ids, parse_answer
 from src.canvas import BadImage, decode, to_canvas
 from src.contract import Contract
 from src.artifacts import BUNDLE
@@ -140,24 +139,33 @@ def load_bundle(bundle: Path) -> tuple[Contract, str, dict[str, Any]]:
     return contract, (bundle / BUNDLE["grammar"]).read_text(), card
 
 
+def llama_label_ids(vlm: Any, contract: Contract) -> list[int]:
+    """Each label's one token in the bundle's vocabulary (answers.label_token_ids refuses a split label)."""
+    return label_token_ids(lambda text: vlm.llm.tokenize(text.encode(), add_bos=False, special=False),
+                           contract.labels, contract.target)
+
+
+def read_one(vlm: Any, prompt: str, image: Image.Image, contract: Contract, grammar: str,
+             label_ids: list[int]) -> tuple[dict[str, Any], Any]:
+    """One canvas as the app reads it: greedy decoding constrained by the grammar; ({element, text, p}, the Answer).
+
+    The benchmark times this function: what it measures is what the client runs.
+    """
+    ans = vlm.generate(prompt, image, contract.generation, grammar=grammar)
+    element = parse_answer(ans.text, ans.stopped, contract)
+    if element is None:  # the grammar makes this unreachable; say so loudly if it ever is not
+        raise RuntimeError(f"constrained decoding gave {ans.text!r} (stopped={ans.stopped}), not a label")
+    p = label_probs(ans.first_logits, label_ids)
+    return {"element": element, "text": ans.text, "p": {x: round(float(v), 4) for x, v in zip(contract.labels, p)}}, ans
+
+
 def classify(bundle: Path, contract: Contract, grammar: str, n_ctx: int, images: list[Image.Image]) -> list[dict[str, Any]]:
     """One llama.cpp run per canvas: {element, text, p} with p the first-token label probabilities."""
     from src.llama_runtime import LlamaVLM  # loads llama.cpp: only once the photos are known good
 
-    results = []
     with LlamaVLM(bundle / BUNDLE["model"], bundle / BUNDLE["mmproj"], n_ctx=n_ctx) as vlm:
-        prompt = contract.prompt_for(vlm.marker())
-        label_ids = [vlm.llm.tokenize(contract.target.text(x).encode(), add_bos=False, special=False)[0]
-                     for x in contract.labels]
-        for img in images:
-            ans = vlm.generate(prompt, img, contract.generation, grammar=grammar)
-            element = parse_answer(ans.text, ans.stopped, contract)
-            if element is None:  # the grammar makes this unreachable; say so loudly if it ever is not
-                raise RuntimeError(f"constrained decoding gave {ans.text!r} (stopped={ans.stopped}), not a label")
-            p = softmax(ans.first_logits[label_ids].astype(np.float64))
-            results.append({"element": element, "text": ans.text,
-                            "p": {x: round(float(v), 4) for x, v in zip(contract.labels, p)}})
-    return results
+        prompt, label_ids = contract.prompt_for(vlm.marker()), llama_label_ids(vlm, contract)
+        return [read_one(vlm, prompt, img, contract, grammar, label_ids)[0] for img in images]
 
 
 def render(photos: list[Path], results: list[dict[str, Any]], reading: dict[str, Any]) -> str:

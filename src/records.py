@@ -20,6 +20,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in chunks (model weights are too big to read at once)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -77,9 +86,42 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Drop a last line that a killed append left without its newline.
+
+    Without this, the next append would glue a whole row onto the fragment, and that line,
+    no longer the last, would make the journal unreadable after a second kill.
+    """
+    if not path.exists():
+        return
+    with path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # walk back to the previous newline (rows are small; read a block at a time)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                break
+            end = start
+        else:
+            f.truncate(0)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one row and fsync: a journal that survives SIGKILL."""
+    """Append one row and fsync: a journal that survives SIGKILL, also twice in a row."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(path)
     with path.open("a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()

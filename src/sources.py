@@ -13,6 +13,11 @@ Sources (params `download.source`):
 Listing is cheap and eager (every item gets an id and a record, so nothing is lost
 silently); reading bytes is lazy (`Item.load`), done by download's worker threads.
 An `Item` with `load=None` is remote: download fetches its `url` over http(s).
+`Item.name` is how the user knows the photo (its path in the folder, its URL, ...):
+every message, table and plot downstream names photos by it.
+
+A source that cannot be listed raises `SourceError`, whose message names the param, its
+value and what was expected.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ from src import demo
 from src.records import sha256
 
 
+class SourceError(ValueError):
+    """The source named in params cannot be listed; the message is one line for the user."""
+
+
 @dataclass(frozen=True)
 class Item:
     id: str
     url: str  # http(s) URL to fetch, or a locator of a local item (demo:, folder:, hf:)
+    name: str  # what the user calls it: relative path, URL, demo id, dataset row
     label: str | None
     source: str | None
     licence: str | None
@@ -69,43 +79,63 @@ def _manifest_rows(path: Path) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+                    raise SourceError(f"{path}:{n}: not a JSON object: {e}") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                    raise SourceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
                 rows.append(row)
         return rows
-    raise ValueError(f"{path}: a URL manifest must be .csv or .jsonl, not {path.suffix!r}")
+    raise SourceError(f"download.manifest.path = {str(path)!r}: a {path.suffix!r} file; expected a .csv or .jsonl URL list")
 
 
 def manifest_items(path: Path) -> list[Item]:
     """A CSV/JSONL URL list. A row without a url still becomes an item (it fails as 'no url')."""
     rows = _manifest_rows(path)
-    if rows and "url" not in rows[0]:
-        raise ValueError(f"{path}: no 'url' column (columns: {sorted(rows[0])})")
+    if not rows:
+        raise SourceError(f"download.manifest.path = {str(path)!r}: no rows; expected one row per photo URL")
+    if "url" not in rows[0]:
+        raise SourceError(f"download.manifest.path = {str(path)!r}: no 'url' column (columns: {sorted(rows[0])}); "
+                          "expected a url column")
     urls = [_opt(r.get("url")) or "" for r in rows]
     ids = unique_ids(_opt(r.get("id")) or f"url-{sha256(u.encode())[:16]}" for r, u in zip(rows, urls))
-    return [Item(id=i, url=u, label=_opt(r.get("label")), source=_opt(r.get("source")) or path.name,
-                 licence=_opt(r.get("licence", r.get("license"))))
-            for i, u, r in zip(ids, urls, rows)]
+    return [Item(id=i, url=u, name=u or f"{path.name} row {n}", label=_opt(r.get("label")),
+                 source=_opt(r.get("source")) or path.name, licence=_opt(r.get("licence", r.get("license"))))
+            for n, (i, u, r) in enumerate(zip(ids, urls, rows), 1)]
 
 
-def folder_items(root: Path, class_subfolders: bool) -> list[Item]:
-    """Every regular, non-hidden file under `root`, in sorted order; content is checked later, by decoding."""
+def folder_items(root: Path, class_subfolders: bool, labels: tuple[str, ...]) -> list[Item]:
+    """Every regular, non-hidden file under `root`, in sorted order; content is checked later, by decoding.
+
+    With `class_subfolders` every photo must sit in a subfolder named after a label: a photo
+    directly under `root`, or a subfolder that is not a label, is refused here, naming them, rather
+    than failing at label with an unnamed `None`.
+    """
+    where = f"download.folder.path = {str(root)!r}"
     if not root.is_dir():
-        raise ValueError(f"download.folder.path: {root} is not a folder")
+        raise SourceError(f"{where}: no such folder; expected the folder of photos")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
-    items = []
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        label = rel.split("/")[0] if class_subfolders and "/" in rel else None
-        items.append(Item(id=f"folder-{sha256(rel.encode())[:16]}", url=f"folder:{rel}", label=label,
-                          source=root.name, licence=None, load=p.read_bytes))
-    return items
+    if not files:
+        raise SourceError(f"{where}: no photos in it; expected photos" + (" in one subfolder per class "
+                          f"({', '.join(x + '/' for x in labels)})" if class_subfolders else ""))
+    rels = [p.relative_to(root).as_posix() for p in files]
+    if class_subfolders:
+        flat = [r for r in rels if "/" not in r]
+        if flat:
+            raise SourceError(f"{where}: {len(flat)} photos directly in the folder (e.g. {flat[0]}) but "
+                              f"download.folder.class_subfolders is true; expected one subfolder per class "
+                              f"({', '.join(x + '/' for x in labels)}), or class_subfolders: false")
+        unknown = sorted({r.split("/")[0] for r in rels} - set(labels))
+        if unknown:
+            raise SourceError(f"{where}: subfolders {', '.join(x + '/' for x in unknown)} are not labels; "
+                              f"expected subfolders named after contract.labels ({', '.join(labels)})")
+    return [Item(id=f"folder-{sha256(rel.encode())[:16]}", url=f"folder:{rel}", name=rel,
+                 label=rel.split("/")[0] if class_subfolders else None, source=root.name, licence=None,
+                 load=p.read_bytes)
+            for p, rel in zip(files, rels)]
 
 
 def demo_items(n: int, seed: int, labels: tuple[str, ...]) -> list[Item]:
     """The embedded demo, drawn on demand."""
-    return [Item(id=f"demo-{i:05d}", url=f"demo:demo-{i:05d}", label=labels[i % len(labels)],
+    return [Item(id=f"demo-{i:05d}", url=f"demo:demo-{i:05d}", name=f"demo-{i:05d}", label=labels[i % len(labels)],
                  source="demo", licence="CC0-1.0 (generated)", load=partial(_demo_bytes, i, labels, seed))
             for i in range(n)]
 
@@ -114,14 +144,18 @@ def _demo_bytes(i: int, labels: tuple[str, ...], seed: int) -> bytes:
     return demo.photo(i, labels, seed).data
 
 
-def _hf_load(path: str, split: str) -> Any:
+def _hf_load(local_dir: str, hub_id: str, revision: str, split: str) -> Any:
+    """A save_to_disk folder, or a hub dataset at a pinned revision (params.yaml's schema checks the pin)."""
     import datasets  # heavy; only this source needs it
 
-    p = Path(path)
-    if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(p))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(path, split=split)
+    if hub_id:
+        return datasets.load_dataset(hub_id, revision=revision, split=split)
+    ds = datasets.load_from_disk(local_dir)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SourceError(f"download.hf.split = {split!r}: not in {local_dir}; expected one of {sorted(ds)}")
+        return ds[split]
+    return ds
 
 
 def _hf_bytes(ds: Any, index: int, column: str) -> bytes:
@@ -139,27 +173,36 @@ def _hf_bytes(ds: Any, index: int, column: str) -> bytes:
     raise ValueError(f"row {index}: image column {column!r} holds a {type(value).__name__}, not image bytes")
 
 
-def hf_items(path: str, split: str, image_column: str, label_column: str) -> list[Item]:
+def hf_items(local_dir: str, hub_id: str, revision: str, split: str, image_column: str, label_column: str) -> list[Item]:
     """A `datasets` dataset; images are read undecoded, so download sees the original file bytes."""
     import datasets
 
-    ds = _hf_load(path, split)
+    where = hub_id or local_dir
+    try:
+        ds = _hf_load(local_dir, hub_id, revision, split)
+    except FileNotFoundError as e:
+        key = "download.hf.hub_id" if hub_id else "download.hf.local_dir"
+        raise SourceError(f"{key} = {where!r}: {e}; expected a datasets save_to_disk folder or a hub dataset") from None
     if image_column not in ds.column_names:
-        raise ValueError(f"download.hf: no image column {image_column!r} in {path} (columns: {ds.column_names})")
+        raise SourceError(f"download.hf.image_column = {image_column!r}: not a column of {where}; "
+                          f"expected one of {ds.column_names}")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     labels: list[str | None] = [None] * len(ds)
     if label_column:
         if label_column not in ds.column_names:
-            raise ValueError(f"download.hf: no label column {label_column!r} in {path} (columns: {ds.column_names})")
+            raise SourceError(f"download.hf.label_column = {label_column!r}: not a column of {where}; "
+                              f"expected one of {ds.column_names}, or \"\" for no labels")
         feature = ds.features[label_column]
         raw = ds[label_column]
         names = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
         labels = [None if v is None or v == -1 else names(v) for v in raw]
+    if not len(ds):
+        raise SourceError(f"download.hf: {where} split {split!r} has no rows; expected photos")
     licence = _opt(getattr(ds.info, "license", None))
-    name = Path(path).name or path
-    return [Item(id=f"hf-{i:07d}", url=f"hf:{name}/{split}/{i}", label=lab, source=name, licence=licence,
-                 load=partial(_hf_bytes, ds, i, image_column))
+    name = Path(where).name or where
+    return [Item(id=f"hf-{i:07d}", url=f"hf:{name}/{split}/{i}", name=f"hf:{name}/{split}/{i}", label=lab,
+                 source=name, licence=licence, load=partial(_hf_bytes, ds, i, image_column))
             for i, lab in enumerate(labels)]
 
 
@@ -171,8 +214,6 @@ def items_from_params(d: dict[str, Any], labels: tuple[str, ...]) -> list[Item]:
     if source == "manifest":
         return manifest_items(Path(d["manifest"]["path"]))
     if source == "folder":
-        return folder_items(Path(d["folder"]["path"]), d["folder"]["class_subfolders"])
-    if source == "hf":
-        h = d["hf"]
-        return hf_items(h["path"], h["split"], h["image_column"], h["label_column"])
-    raise ValueError(f"download.source={source!r}: unknown source (known: demo, manifest, folder, hf)")
+        return folder_items(Path(d["folder"]["path"]), d["folder"]["class_subfolders"], labels)
+    h = d["hf"]
+    return hf_items(h["local_dir"], h["hub_id"], h["revision"], h["split"], h["image_column"], h["label_column"])

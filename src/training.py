@@ -1,25 +1,34 @@
-"""Fine-tuning pieces: the base model, LoRA, examples, the loss, evaluation and resumable checkpoints.
+"""Fine-tuning pieces: LoRA, examples, the loss, one epoch (on one process or several),
+evaluation and resumable checkpoints. The base model is the base stage's output.
 
 `src/stages/finetune.py` runs them as a stage; the benchmark times the same functions.
+
+Several processes (torchrun or `accelerate launch`, which set the torch.distributed environment)
+split every batch between them, and their gradients are summed so each step is the one a single
+process takes on the whole batch. This is plain torch.distributed, not accelerate's `prepare`:
+its DataLoader either repeats examples to even out a short batch (`even_batches`) or leaves the
+ranks' losses weighted alike although their shares differ, and its DDP wrapper needs every
+forward to go through the wrapped model, while the feature cache calls the language model alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from src import vlm
-from src.contract import PromptSpec, TargetSpec, VisionSpec
+from src.contract import PromptSpec, TargetSpec
 from src.records import write_text_atomic
 
 
@@ -45,24 +54,6 @@ class Example:
     label: str
     tensors: dict[str, torch.Tensor]  # input_ids, labels, pixel_values, pixel_attention_mask
     hidden: torch.Tensor | None = None  # cached vision encoder output
-
-
-def base_model(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> tuple[Any, Any]:
-    """The base model named by finetune.base.source, configured by the contract."""
-    source = base["source"]
-    if source == "builder":
-        model, processor = vlm.build(vlm.BuilderSpec(**base["builder"]), vision)
-    elif source == "hub":
-        # A branch name would let the same params train on different weights tomorrow.
-        if not re.fullmatch(r"[0-9a-f]{40}", base["revision"] or ""):
-            raise SystemExit(f"finetune.base.revision={base['revision']!r}: pin the hub model to a 40-hex commit sha")
-        model, processor = vlm.load(base["hub_id"], base["revision"])
-    elif source == "local":
-        model, processor = vlm.load(base["local_dir"])
-    else:
-        raise SystemExit(f"finetune.base.source={source!r}: expected builder, hub or local")
-    vlm.configure(model, processor, vision, target)
-    return model, processor
 
 
 def lora(model: Any, ft: dict[str, Any], answer_ids: list[int]) -> Any:
@@ -100,6 +91,88 @@ def batch_loss(model: Any, batch: list[Example], pad_id: int, cached: bool) -> t
         out = model(pixel_values=b["pixel_values"], pixel_attention_mask=b["pixel_attention_mask"], **text)
     first = (b["labels"] != -100).int().argmax(dim=1) - 1  # position that predicts the label token
     return out.loss, out.logits[torch.arange(len(batch)), first].cpu()
+
+
+@dataclass(frozen=True)
+class Procs:
+    """This process's place among the training processes (rank 0 of 1 without a launcher)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes() -> Procs:
+    """Join the process group a launcher (torchrun, `accelerate launch`) describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Procs(0, 1, torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Procs(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def stop_processes() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def answer_tokens(e: Example) -> int:
+    """Supervised positions of an example (the answer tokens): what the loss averages over."""
+    return int((e.tensors["labels"] != -100).sum())
+
+
+def sync_gradients(params: list[torch.Tensor], loss: torch.Tensor, procs: Procs) -> float:
+    """Sum gradients and `loss` over the processes in one all-reduce; returns the summed loss.
+
+    Each process scaled its loss by its share of the batch's answer tokens, so the sum is the
+    whole batch's mean. A parameter keeps `grad=None` only if no process gave it a gradient
+    (AdamW skips those; a zero gradient would still move it through the Adam moments).
+    """
+    if procs.world == 1:
+        return float(loss.detach())
+    has = torch.tensor([q.grad is not None for q in params], dtype=torch.int32, device=procs.device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    synced = [q for q, h in zip(params, has.tolist()) if h]
+    flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in synced]
+                     + [loss.detach().reshape(1).to(procs.device, torch.float32)])
+    dist.all_reduce(flat)
+    offset = 0
+    for q in synced:
+        q.grad = flat[offset:offset + q.numel()].view_as(q).clone()
+        offset += q.numel()
+    return float(flat[-1])
+
+
+def train_epoch(net: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor], train: list[Example],
+                order: list[int], batch_size: int, pad_id: int, cached: bool, procs: Procs, desc: str) -> float:
+    """One pass over `train` in `order`; returns the mean answer loss (the same on every process).
+
+    Each batch of `batch_size` is dealt to the processes in turn (`batch[rank::world]`); a process
+    whose share is empty (a last batch smaller than the process count) contributes no gradient.
+    """
+    net.train()
+    total = 0.0
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not procs.main):
+        batch = [train[j] for j in order[i:i + batch_size]]
+        share = batch[procs.rank::procs.world]
+        opt.zero_grad()
+        loss = torch.zeros(())
+        if share:
+            loss, _ = batch_loss(net, share, pad_id, cached)
+            if len(share) < len(batch):  # weight by the share of answer tokens: the sum over processes is the mean
+                loss = loss * (sum(map(answer_tokens, share)) / sum(map(answer_tokens, batch)))
+            loss.backward()
+        total += sync_gradients(params, loss, procs) * len(batch)
+        opt.step()
+    return total / max(1, len(order))
 
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, cached: bool, label_ids: list[int],

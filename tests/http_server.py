@@ -127,12 +127,13 @@ def _head(h: _Handler, code: int, ctype: str, length: int | None, extra: dict[st
     h.end_headers()
 
 
-def ok(body: bytes, ctype: str = "application/octet-stream", delay_s: float = 0.0) -> Route:
-    """200 with `body`, after `delay_s` (a host that takes a while)."""
+def ok(body: bytes, ctype: str = "application/octet-stream", delay_s: float = 0.0,
+       headers: dict[str, str] | None = None) -> Route:
+    """200 with `body` (and `headers`), after `delay_s` (a host that takes a while)."""
     def route(h: _Handler) -> None:
         if delay_s:
             h.server.closing.wait(delay_s)
-        _head(h, 200, ctype, len(body))
+        _head(h, 200, ctype, len(body), headers)
         h.wfile.write(body)
     return route
 

@@ -16,6 +16,12 @@ message quotes the caller's key back, as careless proxies do).
 It validates what it is sent (Bearer key, strict json_schema whose `element` enum is
 the label set, image detail) and answers 400/401 otherwise, so a test that passes
 also proves the request's shape. Every request is logged with its time.
+
+`dialect="llama-cpp-python"` answers as that server's 0.3.36 does (tests/test_label.py
+runs the real one): `response_format` only as `json_object` + `schema`, anything else
+refused with HTTP 500 and pydantic's message; the token limit read from `max_tokens`
+only, so without it an answer runs to the end of the context (`N_CTX`), cut off.
+`dialect="openai-reasoning"` refuses `max_tokens` as OpenAI's reasoning models do (400, param).
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 OFF_ENUM = "plasma"
+N_CTX = 2048  # llama-cpp-python's default context: where an answer without max_tokens stops
+# What llama-cpp-python 0.3.36 sends (HTTP 500) for OpenAI's json_schema form, as captured from it
+# (its install path shortened).
+LLAMA_CPP_REFUSAL = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                     "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+                     "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  File \"llama_cpp/server/app.py\", "
+                     "line 376, in create_chat_completion\n    POST /v1/chat/completions")
 
 
 @dataclass
@@ -52,6 +65,7 @@ class FakeOpenAI:
     hang_s: float = 3.0
     delay_s: float = 0.0
     batch_polls: int = 1  # GETs of a batch that still answer in_progress
+    dialect: str = "openai"  # or "llama-cpp-python", "openai-reasoning" (see the module's docstring)
     log: list[Logged] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0  # chat requests being served at once, at most
@@ -101,7 +115,10 @@ class FakeOpenAI:
 
     def completion(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None, str | None]:
         """(status, response body, canvas sha256, fault) for one chat completion request."""
-        problem, canvas, labels = _check_request(body)
+        refused = self._dialect_refusal(body)
+        if refused:
+            return (*refused, None, "refused")
+        problem, canvas, labels = _check_request(body, self.dialect)
         if problem:
             return 400, {"error": {"message": problem, "type": "invalid_request_error"}}, canvas, "bad_request"
         assert canvas is not None
@@ -115,14 +132,32 @@ class FakeOpenAI:
             content = json.dumps({"element": element, "reason": f"looks like {element}"})
         text = "".join(p.get("text", "") for m in body["messages"] for p in _parts(m))
         usage = {"prompt_tokens": 85 + len(text) // 4, "completion_tokens": len(content) // 4 + 1}
+        finish = "stop"
+        if self.dialect == "llama-cpp-python" and body.get("max_tokens") is None:
+            # max_completion_tokens is not read: the reason runs on to the end of the context
+            content, finish = content[:-2] + " and so on", "length"
+            usage["completion_tokens"] = N_CTX - usage["prompt_tokens"]
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return 200, {
             "id": f"chatcmpl-{canvas[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                          "message": {"role": "assistant", "content": content, "refusal": None}}],
             "usage": usage,
         }, canvas, fault
+
+    def _dialect_refusal(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """The refusal this server's dialect gives a field it does not take, else None."""
+        rf_type = (body.get("response_format") or {}).get("type")
+        if self.dialect == "llama-cpp-python" and rf_type not in ("text", "json_object"):
+            return 500, {"error": {"message": LLAMA_CPP_REFUSAL, "type": "internal_server_error",
+                                   "param": None, "code": None}}
+        if self.dialect == "openai-reasoning" and "max_tokens" in body:
+            return 400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                              "model. Use 'max_completion_tokens' instead.",
+                                   "type": "invalid_request_error", "param": "max_tokens",
+                                   "code": "unsupported_parameter"}}
+        return None
 
     # -- batches -----------------------------------------------------------------------
     def _run_batch(self, batch: dict[str, Any]) -> None:
@@ -153,11 +188,11 @@ def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": c}] if isinstance(c, str) else list(c or [])
 
 
-def _check_request(body: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
+def _check_request(body: dict[str, Any], dialect: str = "openai") -> tuple[str | None, str | None, list[str]]:
     """A reason to refuse the request (or None), the canvas sha256 it carries, and the enum."""
     rf = body.get("response_format") or {}
     js = rf.get("json_schema") or {}
-    schema = js.get("schema") or {}
+    schema = (rf if dialect == "llama-cpp-python" else js).get("schema") or {}
     enum = ((schema.get("properties") or {}).get("element") or {}).get("enum") or []
     canvas = None
     detail = None
@@ -170,7 +205,7 @@ def _check_request(body: dict[str, Any]) -> tuple[str | None, str | None, list[s
                     canvas = hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
     if not body.get("model"):
         return "model is required", canvas, enum
-    if rf.get("type") != "json_schema" or js.get("strict") is not True:
+    if dialect != "llama-cpp-python" and (rf.get("type") != "json_schema" or js.get("strict") is not True):
         return "response_format must be a strict json_schema", canvas, enum
     if not enum or set(schema.get("required", [])) != {"element", "reason"} or schema.get("additionalProperties") is not False:
         return "schema must require element (an enum) and reason, and nothing else", canvas, enum

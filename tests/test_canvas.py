@@ -12,6 +12,8 @@ from src.contract import CanvasSpec
 from tests.conftest import ROOT
 
 SPEC = CanvasSpec(**yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]["canvas"])
+# PIL's own bilinear path, compared with the Skia drawing (the contract's default is the Skia drawing itself)
+PIL_SPEC = CanvasSpec(**{**SPEC.__dict__, "resample": "bilinear"})
 
 
 def smooth(w: int, h: int, alpha: bool = False) -> Image.Image:
@@ -27,18 +29,20 @@ def smooth(w: int, h: int, alpha: bool = False) -> Image.Image:
 def test_fit_box_truncates_in_float32_like_kotlin() -> None:
     # Search sizes where float64 and float32 disagree after truncation; the app computes in Float.
     disagree = []
-    for w in range(257, 4000):
-        h = 255
-        s32 = min(np.float32(256) / np.float32(w), np.float32(256) / np.float32(h))
-        s64 = min(256 / w, 256 / h)
+    size = SPEC.size
+    for w in range(size + 1, 4000):
+        h = size - 1
+        s32 = min(np.float32(size) / np.float32(w), np.float32(size) / np.float32(h))
+        s64 = min(size / w, size / h)
         if int(np.float32(w) * s32) != int(w * s64) or int(np.float32(h) * s32) != int(h * s64):
             disagree.append((w, h, int(np.float32(w) * s32), int(np.float32(h) * s32)))
     assert disagree, "no float32/float64 disagreement in range: widen the search"
     for w, h, w32, h32 in disagree:
-        assert fit_box(w, h, 256)[:2] == (w32, h32)
+        assert fit_box(w, h, size)[:2] == (w32, h32)
 
 
-@pytest.mark.parametrize("w,h", [(512, 256), (256, 512), (300, 301), (1000, 37), (256, 256)])
+@pytest.mark.parametrize("w,h", [(2 * SPEC.size, SPEC.size), (SPEC.size, 2 * SPEC.size), (300, 301), (1000, 37),
+                                 (SPEC.size, SPEC.size)])
 def test_canvas_is_square_rgb_and_centred_on_black(w: int, h: int) -> None:
     c = np.asarray(to_canvas(smooth(w, h), SPEC))
     nw, nh, left, top = fit_box(w, h, SPEC.size)
@@ -50,21 +54,22 @@ def test_canvas_is_square_rgb_and_centred_on_black(w: int, h: int) -> None:
 
 def test_a_side_below_one_pixel_is_refused() -> None:
     with pytest.raises(BadImage, match="below one pixel"):
-        fit_box(10000, 5, 256)
+        fit_box(10000, 5, SPEC.size)
 
 
 def test_transparent_pixels_composite_to_black_not_their_hidden_colour() -> None:
-    img = smooth(256, 256, alpha=True)  # no scaling: the alpha rule alone decides
-    comp = np.asarray(to_canvas(img, SPEC))
-    dropped = np.asarray(to_canvas(img, CanvasSpec(**{**SPEC.__dict__, "alpha": "drop"})))
-    assert comp[:, :60].max() == 0  # transparent border, composited over black
-    assert dropped[:, :60].min() == 255  # 'drop' keeps the hidden white, as PIL convert("RGB") would
-    np.testing.assert_array_equal(comp, np.asarray(android_canvas(img, SPEC)))
+    img = smooth(SPEC.size, SPEC.size, alpha=True)  # no scaling: the alpha rule alone decides
+    for spec in (SPEC, PIL_SPEC):
+        comp = np.asarray(to_canvas(img, spec))
+        dropped = np.asarray(to_canvas(img, CanvasSpec(**{**spec.__dict__, "alpha": "drop"})))
+        assert comp[:, :60].max() == 0  # transparent border, composited over black
+        assert dropped[:, :60].min() == 255  # 'drop' keeps the hidden white, as PIL convert("RGB") would
+    np.testing.assert_array_equal(np.asarray(to_canvas(img, PIL_SPEC)), np.asarray(android_canvas(img, SPEC)))
 
 
 def test_training_canvas_is_close_to_android_and_bit_stable() -> None:
     img = smooth(640, 480)
-    a, b = np.asarray(to_canvas(img, SPEC)).astype(float), np.asarray(android_canvas(img, SPEC)).astype(float)
+    a, b = np.asarray(to_canvas(img, PIL_SPEC)).astype(float), np.asarray(android_canvas(img, SPEC)).astype(float)
     # On smooth content the two bilinear filters agree; on fine texture they do not (eval_parity measures it).
     assert np.mean((a - b) ** 2) < 255**2 / 10**4  # PSNR above 40 dB
     assert canvas_png(to_canvas(img, SPEC)) == canvas_png(to_canvas(img.copy(), SPEC))

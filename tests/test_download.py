@@ -7,20 +7,24 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from src.stages.download import HttpConfig, run
 from src.records import read_jsonl, sha256
-from src.sources import folder_items, hf_items, manifest_items, unique_ids
-from tests.conftest import kill_midway
-from tests.http_server import LoopbackServer, drip, flaky, no_length, ok, redirect, stall, status
+from src.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
+from tests.conftest import kill_midway, make_repo
+from tests.conftest import run as run_cmd
+from tests.http_server import LoopbackServer, Route, drip, flaky, no_length, ok, redirect, stall, status
 
 ROOT = Path(__file__).resolve().parent.parent
 # A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
-FAST = HttpConfig(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test")
+FAST = HttpConfig(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",
+                  snapshot="s1")
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 32)) -> bytes:
@@ -144,12 +148,12 @@ from pathlib import Path
 from src.stages.download import HttpConfig, run
 from src.sources import manifest_items
 out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t")
+cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
 run(manifest_items(manifest), out, out.parent / (out.name + ".json"), cfg, 1.0)
 """
 
 
-def test_sigkill_midway_then_rerun_fetches_only_the_rest_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_two_sigkills_and_a_torn_journal_then_rerun_fetches_only_the_rest_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     n = 40
     routes = {f"/p{i:02d}.jpg": ok(image_bytes(100 + i), "image/jpeg", delay_s=0.05) for i in range(n)}
     routes["/p07.jpg"] = status(404)  # failures are part of the record too
@@ -158,6 +162,11 @@ def test_sigkill_midway_then_rerun_fetches_only_the_rest_and_matches_an_uninterr
         out = tmp_path / "killed"
         journal = kill_midway(KILL_SCRIPT, [str(out), str(manifest)], out / "journal.jsonl", 12, timeout_s=20)
         assert 12 <= len(journal) < n and not (out / "manifest.jsonl").exists()  # it really died midway
+        with (out / "journal.jsonl").open("a") as f:  # what a kill in the middle of an append leaves
+            f.write('{"id": "url-torn", "sta')
+        journal = kill_midway(KILL_SCRIPT, [str(out), str(manifest)], out / "journal.jsonl", len(journal) + 8,
+                              timeout_s=20)  # killed a second time, on top of the torn line
+        assert len(journal) < n and not (out / "manifest.jsonl").exists()
         stored = {r["url"].replace(srv.base, "") for r in journal if r["status"] == "ok"}
         srv.clear_log()
         run(manifest_items(manifest), out, tmp_path / "killed.json", FAST, 1.0)
@@ -195,7 +204,7 @@ def test_folder_source_with_class_subfolders(tmp_path: Path) -> None:
         (src / label).mkdir(parents=True, exist_ok=True)
         (src / label / name).write_bytes(b"just text" if name.endswith(".txt") else image_bytes(i, "PNG" if i == 2 else "JPEG"))
     (src / ".DS_Store").write_bytes(b"junk")
-    items = folder_items(src, class_subfolders=True)
+    items = folder_items(src, True, ("fire", "water"))
     summary = run(items, tmp_path / "dl", tmp_path / "m.json", FAST, max_failure_rate=0.5)
     rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
     assert [(r["url"], r["label"], r["status"]) for r in rows] == [
@@ -211,11 +220,85 @@ def test_hf_dataset_source_built_in_process(tmp_path: Path) -> None:
     imgs = [Image.open(io.BytesIO(image_bytes(i, "PNG"))) for i in range(3)]
     ds = datasets.Dataset.from_dict({"image": imgs, "label": [1, 0, 1]}, features=features)
     ds.save_to_disk(str(tmp_path / "hfds"))
-    items = hf_items(str(tmp_path / "hfds"), "train", "image", "label")
+    items = hf_items(str(tmp_path / "hfds"), "", "", "train", "image", "label")
     run(items, tmp_path / "dl", tmp_path / "m.json", FAST, max_failure_rate=0.0)
     rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
     assert [(r["id"], r["label"], r["status"], r["format"]) for r in rows] == [
         ("hf-0000000", "fire", "ok", "PNG"), ("hf-0000001", "water", "ok", "PNG"), ("hf-0000002", "fire", "ok", "PNG")]
     assert rows[0]["sha256"] == sha256((tmp_path / "dl" / rows[0]["path"]).read_bytes())
-    with pytest.raises(ValueError, match="no image column 'picture'"):
-        hf_items(str(tmp_path / "hfds"), "train", "picture", "")
+    with pytest.raises(SourceError, match="download.hf.image_column = 'picture': not a column"):
+        hf_items(str(tmp_path / "hfds"), "", "", "train", "picture", "")
+
+
+# ---- the source as DVC knows it: a real DVC repo, the download stage alone --------------------------
+
+def dvc_status(repo: Path) -> dict:
+    return json.loads(run_cmd(["dvc", "status", "download", "--json"], repo).stdout or "{}")
+
+
+def etagged(data: bytes, etag: str) -> Route:
+    """A host that answers If-None-Match with 304, as real static hosts do."""
+    def route(h: Any) -> None:
+        if h.headers.get("If-None-Match") == etag:
+            h.send_response(304)
+            h.send_header("ETag", etag)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        ok(data, "image/jpeg", headers={"ETag": etag})(h)
+    return route
+
+
+@pytest.mark.slow
+def test_folder_source_photo_added_or_removed_makes_download_stale_and_only_it_is_decoded(tmp_path: Path) -> None:
+    photos = tmp_path / "my photos"  # outside the repository, with a space: as a user's folder is
+    for i, label in enumerate(["fire", "fire", "water", "water"]):
+        (photos / label).mkdir(parents=True, exist_ok=True)
+        (photos / label / f"{i}.jpg").write_bytes(image_bytes(i))
+    repo = make_repo(tmp_path / "repo", {"download.source": "folder", "download.folder.path": str(photos)})
+    first = run_cmd(["dvc", "repro", "download"], repo).stdout
+    assert "decoded 4, revalidated 0, unchanged 0" in first and dvc_status(repo) == {}
+
+    (photos / "water" / "new.jpg").write_bytes(image_bytes(99))
+    assert "download" in dvc_status(repo)
+    assert "decoded 1, revalidated 0, unchanged 4" in run_cmd(["dvc", "repro", "download"], repo).stdout
+
+    (photos / "fire" / "0.jpg").unlink()
+    assert "download" in dvc_status(repo)
+    assert "decoded 0, revalidated 0, unchanged 4" in run_cmd(["dvc", "repro", "download"], repo).stdout
+    names = [r["name"] for r in read_jsonl(repo / "data/download/manifest.jsonl")]
+    assert names == ["fire/1.jpg", "water/2.jpg", "water/3.jpg", "water/new.jpg"]
+    assert len(list((repo / "data/download/images").iterdir())) == 4  # the removed photo's file is gone too
+    assert dvc_status(repo) == {}
+
+
+@pytest.mark.slow
+def test_manifest_row_added_fetches_only_it_and_a_new_snapshot_revalidates(tmp_path: Path) -> None:
+    routes = {f"/p{i}.jpg": etagged(image_bytes(i), f'"v1-{i}"') for i in range(4)}
+    with LoopbackServer(routes) as srv:
+        repo = make_repo(tmp_path / "repo", {"download.source": "manifest", "download.manifest.path": "data/urls.csv"})
+        write_csv = lambda paths: (repo / "data/urls.csv").write_text(  # noqa: E731
+            "url,label\n" + "".join(f"{srv.url(p)},fire\n" for p in paths))
+        write_csv(list(routes)[:3])
+        run_cmd(["dvc", "repro", "download"], repo)
+        assert sorted(srv.paths()) == ["/p0.jpg", "/p1.jpg", "/p2.jpg"] and dvc_status(repo) == {}
+
+        srv.clear_log()
+        write_csv(list(routes))  # one row added
+        assert "download" in dvc_status(repo)
+        run_cmd(["dvc", "repro", "download"], repo)
+        assert srv.paths() == ["/p3.jpg"]
+
+        srv.clear_log()
+        run_cmd(["dvc", "repro", "-f", "download"], repo)  # the same snapshot: nothing is fetched again
+        assert srv.paths() == []
+
+        routes["/p1.jpg"] = etagged(image_bytes(101), '"v2-1"')  # new content behind a stored URL
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["download"]["http"]["snapshot"] = "a later day"
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "download" in dvc_status(repo)
+        out = run_cmd(["dvc", "repro", "download"], repo).stdout
+        assert sorted(srv.paths()) == sorted(routes) and "fetched 1, decoded 0, revalidated 3" in out
+    rows = read_jsonl(repo / "data/download/manifest.jsonl")
+    assert rows[1]["sha256"] == sha256(image_bytes(101)) and {r["snapshot"] for r in rows} == {"a later day"}

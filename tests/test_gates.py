@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import yaml
 
 from src.gates import class_coverage_gate, gates, quality_gates
@@ -16,7 +17,7 @@ Q = PARAMS["release"]
 
 
 def metrics(**over: Any) -> dict[str, Any]:
-    m = {"n_test": 30, "eos": {"ok": True, "contract": "e", "hf": "e", "gguf": "e"},
+    m = {"n_test": 30, "canvas": {"max_abs_diff": 0.0}, "eos": {"ok": True, "contract": "e", "hf": "e", "gguf": "e"},
          "layout": {"identical_rate": 1.0}, "agreement": {"f16": 1.0, "q8_0": 1.0},
          "invalid_rate": {"hf": 0.0, "f16": 0.0, "q8_0": 0.0, "q8_0_only": 0.0, "every_runtime": 0.0}}
     for dotted, v in over.items():
@@ -71,3 +72,20 @@ def test_a_class_missing_from_the_test_split_is_refused_with_the_counts() -> Non
                                               "water, wood")
     assert "split.test" in msg and "split.min_per_class" in msg
     assert class_coverage_gate({"fire": 0}).startswith("the test split has 0 photos")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("dotted", "value", "rung"), [
+    ("canvas__max_abs_diff", 3.0, "rung canvas"),
+    ("eos__ok", False, "rung eos"),
+    ("layout__identical_rate", 0.5, "rung layout"),
+    ("agreement__f16", 0.5, "rung agreement.f16"),
+    ("agreement__q8_0", 0.5, "rung agreement.q8_0"),
+    ("invalid_rate__q8_0_only", 0.5, "rung invalid_rate.q8_0_only"),
+])
+def test_each_rung_fails_alone_and_passes_at_its_threshold(dotted: str, value: Any, rung: str) -> None:
+    fails = gates(metrics(**{dotted: value}), G, {})
+    assert len(fails) == 1 and fails[0].startswith(rung)
+    at = {"canvas__max_abs_diff": G["max_canvas_abs_diff"], "layout__identical_rate": G["min_layout_identical_rate"], "agreement__f16": G["min_agreement_f16"],
+          "agreement__q8_0": G["min_agreement_q8_0"], "invalid_rate__q8_0_only": G["max_invalid_rate_q8_0"]}
+    if dotted in at:
+        assert gates(metrics(**{dotted: at[dotted]}), G, {}) == []

@@ -16,12 +16,11 @@ from src import geometry, vlm
 from src.contract import Contract, VisionSpec
 from src.llama_build import convert
 from src.llama_runtime import LlamaVLM, expand
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_MODEL
 
 C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
-TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
-                       text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
+TINY = vlm.BuilderSpec(**TINY_MODEL)
 OLD, NEW = VisionSpec(tile=128, longest_edge=256), VisionSpec(tile=64, longest_edge=128)
 
 

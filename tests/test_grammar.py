@@ -11,15 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import llama_cpp
 
-from src.contract import TargetSpec
+from src.contract import Contract, TargetSpec
 from src.grammar import Constraint, GrammarError, admits, gbnf, literal
 from src.llama_runtime import silence
+from tests.conftest import ROOT
 
-LABELS = ("water", "land", "fire", "wood", "metal")
-TARGET = TargetSpec(" ", "<end_of_utterance>")
+CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+LABELS, TARGET = CONTRACT.labels, CONTRACT.target
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_admits_exactly_the_labels_then_eos(vocab: llama_cpp.Llama) -> None:
 
 
 def test_prefix_and_odd_labels_follow_the_target_spec(vocab: llama_cpp.Llama) -> None:
-    g = gbnf(('say "hi"', "back\\slash"), TargetSpec("", "<end_of_utterance>"))
+    g = gbnf(('say "hi"', "back\\slash"), TargetSpec("", TARGET.eos))
     assert accepts(vocab, g, 'say "hi"') and accepts(vocab, g, "back\\slash")
     assert not accepts(vocab, g, ' say "hi"')
 
@@ -107,7 +109,7 @@ def test_constrained_decoding_yields_only_labels(vocab: llama_cpp.Llama) -> None
 def test_constraint_keeps_an_answer_that_already_is_a_label(vocab: llama_cpp.Llama) -> None:
     """With greedy decoding the grammar changes nothing when the model would answer a label anyway."""
     g, n = gbnf(LABELS, TARGET), vocab.n_vocab()
-    (fire,) = tokens(vocab, " fire")
+    (fire,) = tokens(vocab, TARGET.text("fire"))
     junk = np.linspace(0, 1, n, dtype=np.float32)  # the highest-id token would win unconstrained
 
     def model(step: int) -> np.ndarray:
@@ -115,7 +117,7 @@ def test_constraint_keeps_an_answer_that_already_is_a_label(vocab: llama_cpp.Lla
         logits[fire if step == 0 else vocab.token_eos()] = 5.0
         return logits
 
-    assert decode(vocab, g, model) == " fire"
+    assert decode(vocab, g, model) == TARGET.text("fire")
 
 
 @pytest.mark.slow

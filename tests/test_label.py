@@ -1,5 +1,6 @@
 """label: the manifest provider, overrides, the audit page, and the VLM teacher against a real
-loopback OpenAI-compatible server (tests/openai_server.py) through the real `openai` client."""
+loopback OpenAI-compatible server (tests/openai_server.py) through the real `openai` client,
+and (slow) against llama-cpp-python's own server serving a tiny SmolVLM built here."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from PIL import Image
 from src.stages.label import label_stage
 from src.params import stage_params
 from src.records import read_jsonl, sha256, write_jsonl
-from tests.openai_server import FakeOpenAI
+from tests.http_server import wait_for
+from tests.openai_server import LLAMA_CPP_REFUSAL, FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("water", "land", "fire", "wood", "metal")
@@ -209,7 +213,7 @@ def test_teacher_fails_fast_on_a_missing_or_wrong_key(tmp_path: Path, monkeypatc
 
 
 def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
-    from src.teacher import AnswerCache
+    from src.label_cache import AnswerCache
 
     (tmp_path / "answers.jsonl").write_text('{"key": "a", "element": "fire"}\n{"key": "b", "elem')
     cache = AnswerCache(tmp_path)
@@ -219,7 +223,7 @@ def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
 
 
 def test_cache_key_is_canvas_model_prompt_schema() -> None:
-    from src.teacher import TeacherConfig, cache_key
+    from src.teacher.request import TeacherConfig, cache_key
 
     cfg = TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"])
     k = cache_key("a" * 64, cfg, LABELS)
@@ -228,6 +232,63 @@ def test_cache_key_is_canvas_model_prompt_schema() -> None:
     assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__model="other")["label"]), LABELS)
     assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__prompt="x {labels}")["label"]), LABELS)
     assert k != cache_key("a" * 64, cfg, (*LABELS, "void"))  # the schema's enum
+
+
+# -- servers that take another form of the request --------------------------------------------------
+
+def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, key: str) -> None:
+    truth = make_canvases(tmp_path / "resize256", 4)
+    with FakeOpenAI(truth, key, dialect="llama-cpp-python") as srv:
+        # OpenAI's json_schema, sent to llama-cpp-python: a complaint about the request, sent as a 500
+        with pytest.raises(SystemExit) as e:
+            run_stage(tmp_path, params(srv.base_url, concurrency=1))
+        line = str(e.value)
+        assert "\n" not in line and srv.base_url in line
+        assert ("refused the request's response_format (label.teacher.response_format=json_schema): HTTP 500: "
+                "Input should be 'text' or 'json_object'; try label.teacher.response_format=json_object") in line
+        assert srv.chat_requests == 1  # not retried six times, nor asked again for the next canvas
+        # its own form, but the token limit in the field it does not read: the answer ran to the context's end
+        with pytest.raises(SystemExit, match=r"ignored max_completion_tokens: an answer ran to \d+ tokens, over "
+                                             r"label.teacher.max_tokens=100; try label.teacher.max_tokens_field=max_tokens"):
+            run_stage(tmp_path, params(srv.base_url, concurrency=1, teacher__response_format="json_object"))
+        assert srv.chat_requests == 2
+        m = run_stage(tmp_path, params(srv.base_url, teacher__response_format="json_object",
+                                       teacher__max_tokens_field="max_tokens"))
+        assert {sha: r["element"] for sha, r in labels_by_sha(tmp_path).items()} == truth
+        assert m["requests"] == 4 and srv.chat_requests == 6 and m["failed"] == 0
+    with FakeOpenAI(truth, key, dialect="openai-reasoning") as srv:  # max_tokens refused with a 400 naming it
+        with pytest.raises(SystemExit, match=r"refused the request's max_tokens \(label.teacher.max_tokens_field="
+                                             r"max_tokens\): HTTP 400: Unsupported parameter"):
+            run_stage(tmp_path, params(srv.base_url, concurrency=1, teacher__prompt="again: {labels}",
+                                       teacher__max_tokens_field="max_tokens"))
+        assert srv.chat_requests == 1
+
+
+def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, key: str) -> None:
+    make_canvases(tmp_path / "resize256", 2)
+    with pytest.raises(SystemExit, match=r"^label: label.teacher.response_format='xml': expected json_schema or json_object$"):
+        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="xml"))
+    with pytest.raises(SystemExit, match=r"label.teacher.max_tokens_field='n_predict': expected max_completion_tokens or max_tokens"):
+        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__max_tokens_field="n_predict"))
+
+
+def test_refused_field_reads_each_servers_complaint() -> None:
+    from src.teacher.request import refused_field
+
+    # llama-cpp-python: pydantic's error quoted in a 500
+    assert refused_field(500, {"message": LLAMA_CPP_REFUSAL}, "Error code: 500 - " + LLAMA_CPP_REFUSAL) == (
+        "response_format", "Input should be 'text' or 'json_object'")
+    # FastAPI's own 422; OpenAI's `param`, which names the field even where the message names two
+    assert refused_field(422, {"detail": [{"loc": ["body", "max_tokens"], "msg": "Input should be a valid integer"}]},
+                         "Error code: 422") == ("max_tokens", "Input should be a valid integer")
+    msg = "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+    assert refused_field(400, {"param": "max_tokens", "message": msg}, f"Error code: 400 - {msg}")[0] == "max_tokens"
+    assert refused_field(400, {"message": "x"}, "Error code: 400 - temperature: unsupported value 0.0")[0] == "temperature"
+    # not a refused field: a crash, a complaint about this canvas, a field no param chooses
+    assert refused_field(500, {"message": "CUDA error: out of memory"}, "Error code: 500 - CUDA error: out of memory") is None
+    assert refused_field(500, {"message": "max_tokens went wrong"}, "Error code: 500 - invalid max_tokens state") is None
+    assert refused_field(400, {"message": "bad request from Bearer sk-1"}, "Error code: 400 - bad request") is None
+    assert refused_field(400, {"param": "messages", "message": "Invalid image"}, "Error code: 400 - Invalid image") is None
 
 
 # -- the teacher, batch mode ---------------------------------------------------------------------------
@@ -361,3 +422,95 @@ def test_dvc_repro_keeps_the_cache_and_never_records_the_key(tmp_path: Path, mon
         assert KEY.encode() not in p.read_bytes(), p
     for text in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert KEY not in text
+
+
+# -- a real local teacher: llama-cpp-python's own server --------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def close_strings_soon(model: Any, tokenizer: Any) -> None:
+    """Tilt a random model towards tokens holding a double quote, so its JSON `reason` ends.
+
+    Untilted, greedy decoding never closes the string: every answer runs to max_tokens and
+    every canvas fails, so nothing would check the answers that pass. One embedding
+    dimension (tied: input and output) is 10 in every row and 20 in those tokens' rows;
+    the residual stream carries that dimension to the last position, where it gives those
+    tokens' logits a lead of tens. The grammar still decides what is allowed; the model only picks.
+    """
+    import torch
+
+    quote = [i for t, i in tokenizer.get_vocab().items() if '"' in tokenizer.convert_tokens_to_string([t])]
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, 0] = 10.0
+        emb[quote, 0] = 20.0
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured and converted here."""
+    import gguf
+
+    from src import vlm
+    from src.contract import Contract
+    from src.llama_build import convert
+    from tests.conftest import TINY_MODEL
+
+    tmp = tmp_path_factory.mktemp("llama")
+    c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    vlm.configure(model, processor, c.vision, c.target)
+    close_strings_soon(model, processor.tokenizer)
+    vlm.save(model, processor, tmp / "hf")
+    convert(tmp / "hf", tmp / "model.gguf", "f16")
+    convert(tmp / "hf", tmp / "mmproj.gguf", "f16", mmproj=True)
+    # SmolVLM's chat template travels into the GGUF: what the server renders image parts with
+    field = gguf.GGUFReader(tmp / "model.gguf").get_field("tokenizer.chat_template")
+    assert field is not None and field.contents() == vlm.SMOLVLM_CHAT_TEMPLATE
+    port = _free_port()
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tmp / "model.gguf"),
+                             "--clip_model_path", str(tmp / "mmproj.gguf"), "--chat_format", "mtmd",
+                             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(base_url + "/models", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return proc.poll() is not None  # died: stop waiting, the assert below says so
+
+    try:
+        assert wait_for(up, timeout_s=120, every_s=0.2) and proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_the_label_stage_against_llama_cpp_python_server(tmp_path: Path, key: str, llama_server: str) -> None:
+    """A tiny random model answers arbitrary elements, but the grammar keeps them labels: the plumbing end to end."""
+    truth = make_canvases(tmp_path / "resize256", 4)
+    # OpenAI's form: the server refuses it (as a 500), and the stage says which field, after one request
+    with pytest.raises(SystemExit, match=r"refused the request's response_format \(label.teacher.response_format="
+                                         r"json_schema\): HTTP 500: Input should be 'text' or 'json_object'"):
+        run_stage(tmp_path, params(llama_server, concurrency=1))
+    p = params(llama_server, concurrency=1, max_failure_rate=1.0, teacher__response_format="json_object",
+               teacher__max_tokens_field="max_tokens", teacher__timeout_s=60.0)
+    m = run_stage(tmp_path, p)
+    rows = labels_by_sha(tmp_path)
+    assert set(rows) == set(truth) and m["canvases"] == 4 == m["labelled"] + m["failed"]
+    assert all(r["provider"] == "teacher" and r["status"] in ("ok", "failed") for r in rows.values())
+    assert all(r["element"] in LABELS for r in rows.values() if r["status"] == "ok")
+    assert all(r["error"] for r in rows.values() if r["status"] == "failed")
+    assert m["requests"] >= 4 and m["server_errors"] == 0 and m["timeouts"] == 0
+    print(f"llama-cpp-python server: {m['labelled']} labelled, {m['failed']} failed, {m['requests']} requests, "
+          f"{m['invalid_answers']} invalid answers")

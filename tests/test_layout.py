@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from src import deps
-from src.params import ROOT
+from src.params import ROOT, stage_params
+from tests.conftest import copy_project, run
 
 
 def stages() -> list[str]:
@@ -50,3 +53,40 @@ def test_write_restores_what_a_hand_edit_dropped(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text(text.replace("      - src/geometry.py\n", ""))
     assert deps.write(tmp_path / "dvc.yaml") != []
     assert (tmp_path / "dvc.yaml").read_text() == text
+
+
+def stale_after(repo: Path, tmp_path: Path, edit: str, old: str, new: str) -> set[str]:
+    """The stages `dvc status` names in a copy of a reproduced repo after replacing `old` by `new` in `edit`."""
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    f = copy / edit
+    assert old in f.read_text()
+    f.write_text(f.read_text().replace(old, new))
+    return set(json.loads(run(["dvc", "status", "--json"], copy).stdout or "{}"))
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_upgrade_reruns_conversion_and_reproves_parity_and_nothing_upstream(
+        tiny_repo: Path, tmp_path: Path) -> None:
+    assert stale_after(tiny_repo, tmp_path, "runtime.yaml", 'llama_cpp_python: "0.3.36"', 'llama_cpp_python: "0.3.37"') \
+        == {"convert_gguf", "quantize_q8", "eval_parity", "release"}
+
+
+@pytest.mark.slow
+def test_a_transformers_upgrade_reruns_training_and_everything_after(tiny_repo: Path, tmp_path: Path) -> None:
+    stale = stale_after(tiny_repo, tmp_path, "runtime.yaml", 'transformers: "5.23.0"', 'transformers: "5.24.0"')
+    assert "finetune" in stale and {"convert_gguf", "eval_parity", "release"} <= stale
+    assert not stale & {"download", "resize256", "label", "split"}
+
+
+def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = copy_project(tmp_path / "repo", {})
+    pins = root / "runtime.yaml"
+    pins.write_text(pins.read_text().replace('transformers: "5.23.0"', 'transformers: "9.9.9"'))
+    assert "runtime" not in stage_params("split", root)  # a stage that declares no pin is not held back
+    with pytest.raises(SystemExit) as e:
+        stage_params("finetune", root)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "runtime.yaml: transformers = '9.9.9': installed is 5.23.0; expected the pinned version "
+        "(run `make setup`, which installs runtime.yaml's pins)")

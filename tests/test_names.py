@@ -14,15 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from src import demo
 from src.records import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256
 from src.stages.eval_parity import Row, images_csv
-from src.contract import CanvasSpec
+from src.contract import Contract
 from tests.conftest import ROOT
 
-LABELS = ("water", "land", "fire", "wood", "metal")
-SPEC = CanvasSpec(size=64, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
+CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+LABELS, SPEC = CONTRACT.labels, CONTRACT.canvas
 LABEL_PARAMS = {"contract": {"labels": list(LABELS)}, "label": {"provider": "manifest", "max_failure_rate": 0.0}}
 
 

@@ -1,23 +1,60 @@
-"""Break parity on purpose and watch eval_parity fail, naming the rung."""
+"""eval_parity: the ladder's pieces on their own; then parity broken on purpose, and eval_parity failing, naming the rung."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from src.contract import Contract
 from src.artifacts import text_gguf, the_mmproj
 from src.gates import gates
-from src.stages.eval_parity import ladder
+from src.canvas import canvas_png, decode, to_canvas
+from src.demo import photo
+from src.stages.eval_parity import Row, canvas_rung, images_csv, ladder, psnr
 from src.llama_runtime import LlamaVLM
 from src.records import read_jsonl
-from tests.conftest import run
+from tests.conftest import ROOT, run
 
-pytestmark = pytest.mark.slow
+CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+
+def test_psnr_is_99_for_identical_and_follows_the_mse() -> None:
+    a = np.zeros((4, 4, 3), np.uint8)
+    assert psnr(a, a) == 99.0
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 48
+    assert psnr(a, b) == pytest.approx(10 * np.log10(48))
+
+
+def test_canvas_rung_on_a_demo_photo() -> None:
+    """The stored canvas is the training canvas; the Android emulation is close to it but drawn apart."""
+    data = photo(0, CONTRACT.labels, seed=0).data
+    stored = canvas_png(to_canvas(decode(data, CONTRACT.canvas), CONTRACT.canvas))
+    train, android, diff, p, same = canvas_rung(data, stored, CONTRACT)
+    assert same and train.size == android.size == (CONTRACT.canvas.size, CONTRACT.canvas.size)
+    assert 0 <= diff <= 255 and p > 30
+    assert canvas_rung(data, canvas_png(Image.new("RGB", train.size)), CONTRACT)[4] is False
+
+
+def test_images_csv_writes_invalid_answers_with_their_text() -> None:
+    labels = CONTRACT.labels
+    probs = {s: [1 / len(labels)] * len(labels) for s in ("hf", "q8_0")}
+    rows = [Row("a", "beach/a.jpg", "a.png", labels[0], {"hf": labels[0], "f16": labels[0], "q8_0": None},
+                {"hf": "x", "f16": "x", "q8_0": "oops"}, probs),
+            Row("b", "b.jpg", "b.png", labels[1], {"hf": labels[1], "f16": labels[1], "q8_0": labels[1],
+                                                   "q8_0_android": labels[2]}, {}, probs)]
+    out = list(csv.DictReader(io.StringIO(images_csv(rows, labels))))
+    assert [r["q8_0"] for r in out] == ["INVALID:'oops'", labels[1]]
+    assert [r["name"] for r in out] == ["beach/a.jpg", "b.jpg"]
+    assert [r["q8_0_android"] for r in out] == ["", labels[2]]
+    assert out[0][f"p_hf_{labels[0]}"] == f"{1 / len(labels):.4f}"
 
 
 def eval_cmd(repo: Path) -> list[str]:
@@ -30,11 +67,13 @@ def copy(repo: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_stray_space_in_the_app_prompt_fails_the_layout_rung(tiny_repo: Path) -> None:
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     contract = Contract.from_dict(params["contract"])
     rows = read_jsonl(tiny_repo / "data/split/test.jsonl")[:3]
-    app_prompt = contract.prompt_for(LlamaVLM.marker()).replace("\n\nElement:", "\n\n Element:")
+    head, last = contract.prompt_for(LlamaVLM.marker()).rsplit("\n", 1)
+    app_prompt = f"{head}\n {last}"  # a stray space before the prompt's last line
     conv, q8 = tiny_repo / "models/convert_gguf", tiny_repo / "models/quantize_q8"
     metrics, _, offenders = ladder(contract, rows, tiny_repo / "data/resize256", {}, tiny_repo / "models/finetune",
                                    (text_gguf(conv, "f16"), the_mmproj(conv)), (text_gguf(q8, "q8_0"), the_mmproj(conv)),
@@ -44,6 +83,7 @@ def test_stray_space_in_the_app_prompt_fails_the_layout_rung(tiny_repo: Path) ->
     assert any(f.startswith("rung layout") and rows[0]["name"] in f for f in fails), fails  # named as the user knows it
 
 
+@pytest.mark.slow
 def test_longest_edge_changed_on_one_side_fails_the_stage(tiny_repo: Path, tmp_path: Path) -> None:
     repo = copy(tiny_repo, tmp_path / "repo")
     cfg_path = repo / "models/finetune/processor_config.json"
@@ -55,6 +95,7 @@ def test_longest_edge_changed_on_one_side_fails_the_stage(tiny_repo: Path, tmp_p
     assert "rung layout" in res.stderr and "identical_rate 0.000" in res.stderr
 
 
+@pytest.mark.slow
 def test_eos_left_as_im_end_fails_the_stage(tiny_repo: Path, tmp_path: Path) -> None:
     repo = copy(tiny_repo, tmp_path / "repo")
     model = repo / "models/finetune"

@@ -14,7 +14,7 @@ from tests.conftest import run, set_param
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "resize256", "label", "split", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"]
+STAGES = ["download", "resize256", "label", "split", "base", "finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"]
 
 
 def ran(output: str) -> set[str]:
@@ -44,14 +44,32 @@ def test_after_repro_nothing_is_left_to_do(tiny_repo: Path) -> None:
     assert ran(run(["dvc", "repro"], tiny_repo).stdout) == set()
 
 
-def test_prompt_change_reruns_finetune_and_after_only(tiny_repo: Path, tmp_path: Path) -> None:
+def downstream(stage: str, repo: Path) -> set[str]:
+    """`stage` and every stage that reads, directly or not, what it writes (from dvc.yaml)."""
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths, stages = dvc["vars"][0]["paths"], dvc["stages"]
+    outs = {s: {str(o if isinstance(o, str) else next(iter(o))) for o in v.get("outs", [])} for s, v in stages.items()}
+    resolve = {f"${{paths.{k}}}": v for k, v in paths.items()}
+    found = {stage}
+    for s in STAGES[STAGES.index(stage) + 1:]:
+        deps = {resolve.get(d, d) for d in stages[s].get("deps", [])}
+        if any(resolve.get(o, o) in deps for up in found for o in outs[up]):
+            found.add(s)
+    return found
+
+
+def test_prompt_change_invalidates_finetune_and_after_only(tiny_repo: Path, tmp_path: Path) -> None:
+    """`dvc status` on a copy with another prompt: nothing before finetune changed, finetune did, and
+    every stage after it reads finetune's output (so `dvc repro` runs exactly finetune and after)."""
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    template = params["contract"]["prompt"]["template"]
-    edit_params(repo, "contract.prompt.template", template.replace("Element:", "Answer:"))
-    out = run(["dvc", "repro"], repo).stdout
-    assert ran(out) == {"finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"}
+    template = yaml.safe_load((repo / "params.yaml").read_text())["contract"]["prompt"]["template"]
+    edit_params(repo, "contract.prompt.template", "Look closely. " + template)
+    status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    assert min(STAGES.index(s) for s in status) == STAGES.index("finetune")
+    changed = [c["changed deps"] for c in status["finetune"] if isinstance(c, dict) and "changed deps" in c]
+    assert changed == [{"params.yaml": {"contract.prompt.template": "modified"}}]
+    assert downstream("finetune", repo) == set(STAGES[STAGES.index("finetune"):])
 
 
 def test_canvas_size_change_starts_at_resize256(tiny_repo: Path, tmp_path: Path) -> None:

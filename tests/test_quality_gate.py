@@ -33,7 +33,7 @@ def test_untrained_model_is_refused_by_the_quality_gate_not_parity(tmp_path: Pat
     # release refused, as a quality failure, naming the gate and what to change
     assert "release: QUALITY gate failed (not parity" in res.stderr
     assert "< release.min_accuracy 0.6" in res.stderr and "release.min_class_accuracy" in res.stderr
-    for param in ("finetune.epochs 1", "finetune.lr 0.0", "finetune.base.source"):
+    for param in ("finetune.epochs 1", "finetune.lr 0.0", "base.source"):
         assert param in res.stderr, param
     assert not (repo / "models/release/model.gguf").exists()
     assert (repo / "metrics/release/confusion.png").exists()  # the review plots say what went wrong

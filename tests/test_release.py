@@ -1,4 +1,5 @@
-"""The release: the bundle, its card and plots; and a version pushed, tagged with GTO and got back by DVC alone.
+"""The release: its pieces (grid, hashes, data counts, card) on their own; the bundle, its card and plots; and
+a version pushed, tagged with GTO and got back by DVC alone.
 
 The last test is the app build's path end to end: the tiny pipeline's repository (tests/conftest
 `tiny_repo`, copied into a fresh git repo) gets a local DVC remote, is committed and pushed, and
@@ -24,9 +25,10 @@ import yaml
 from src.contract import Contract
 from src.grammar import gbnf
 from src.artifacts import BUNDLE, PLOTS
-from tests.conftest import run
-
-pytestmark = pytest.mark.slow
+from src.plots import INVALID, per_class_accuracy
+from src.records import write_jsonl
+from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, grid_rows, model_card
+from tests.conftest import ROOT, run
 
 NAME = "element-classifier"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +46,60 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+C = contract_of(ROOT)
+A, B, D = C.labels[0], C.labels[1], C.labels[2]
+
+
+def test_grid_shows_every_mistake_first_then_each_class_in_turn() -> None:
+    rows = [{"id": f"{i:02d}", "name": f"photo{i:02d}.jpg", "truth": t, "pred": p} for i, (t, p) in enumerate(
+        [(A, A), (A, A), (B, B), (B, A), (A, INVALID), (D, D), (B, B)])]
+    assert [r["id"] for r in grid_rows(rows, C.labels, 5)] == ["03", "04", "00", "02", "05"]
+    assert [r["id"] for r in grid_rows(rows, C.labels, 2)] == ["03", "04"]
+    assert len(grid_rows(rows, C.labels, 100)) == len(rows)
+
+
+def test_answers_mark_what_is_not_a_label_invalid() -> None:
+    text = f"id,canvas,truth,q8_0\na,a.png,{A},{B}\nb,b.png,{A},INVALID:'x'\n"
+    assert [r["pred"] for r in answers(text, C.labels)] == [B, INVALID]
+
+
+def test_file_hashes_are_those_of_the_bytes(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * (3 << 20))  # several read blocks
+    assert file_hashes(f) == {"bytes": 3 << 20, "md5": md5(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+
+
+def test_data_counts_per_split_and_label(tmp_path: Path) -> None:
+    for name, labels in (("train", [A, A, B]), ("val", [D]), ("test", [])):
+        write_jsonl(tmp_path / f"{name}.jsonl", ({"id": str(i), "element": x} for i, x in enumerate(labels)))
+    counts = data_counts(tmp_path, C.labels)
+    assert counts["train"] == {"n": 3, **{x: (2 if x == A else 1 if x == B else 0) for x in C.labels}}
+    assert counts["val"]["n"] == counts["val"][D] == 1 and counts["test"]["n"] == 0
+
+
+def test_dvc_hashes_come_from_the_lock_and_say_unknown_otherwise(tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"stages": {"s": {"outs": [{"path": "models/q8", "md5": "abc.dir"}]}}}))
+    assert dvc_hashes(lock, [Path("models/q8/"), Path("other")]) == {"models/q8": "abc.dir", "other": "unknown"}
+    assert dvc_hashes(tmp_path / "absent.lock", [Path("models/q8")]) == {"models/q8": "unknown"}
+
+
+def test_card_states_metrics_data_and_files_for_people() -> None:
+    p = {**yaml.safe_load((ROOT / "params.yaml").read_text()), "runtime": {"torch": "1.0"}}
+    parity = {"accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0}}
+    per_class = per_class_accuracy([A, A, B, D], [A, B, B, D], C.labels)
+    counts = {s: {"n": 1, **{x: int(x == A) for x in C.labels}} for s in ("train", "val", "test")}
+    files = {BUNDLE["model"]: {"bytes": 3, "md5": "m", "sha256": "s" * 64}}
+    card = model_card(C, p, parity, {"val_acc": 1.0}, per_class, counts, files, {"models/q8": "abc"})
+    assert card["labels"] == list(C.labels) and card["metrics"]["test_q8_0"]["accuracy"] == 0.75
+    md = card_markdown(card)
+    assert f"| {A} | 2 | 1 | 0.5 |" in md
+    assert f"| train | 1 | {' | '.join('1' if x == A else '0' for x in C.labels)} |" in md
+    assert f"| {BUNDLE['model']} | 3 | `{'s' * 64}` |" in md
+    assert "`models/q8` md5 `abc`" in md and "Runtime: torch 1.0" in md
+
+
+@pytest.mark.slow
 def test_bundle_holds_what_the_app_ships(tiny_repo: Path) -> None:
     p = paths(tiny_repo)
     bundle = tiny_repo / p["release"]
@@ -57,6 +113,7 @@ def test_bundle_holds_what_the_app_ships(tiny_repo: Path) -> None:
         assert (tiny_repo / p["release_plots"] / name).read_bytes().startswith(PNG), name
 
 
+@pytest.mark.slow
 def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) -> None:
     p = paths(tiny_repo)
     card = json.loads((tiny_repo / p["release"] / BUNDLE["card"]).read_text())
@@ -66,8 +123,8 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert card["metrics"]["test_q8_0"]["accuracy"] == parity["accuracy"]["q8_0"]
     per_class = card["metrics"]["test_q8_0"]["per_class"]
     assert sum(v["n"] for v in per_class.values()) == parity["n_test"]
-    assert card["base_model"]["revision"] == params["finetune"]["base"]["revision"]
-    assert card["base_model"]["hub_id"] == params["finetune"]["base"]["hub_id"]
+    assert card["base_model"]["revision"] == params["base"]["revision"]
+    assert card["base_model"]["hub_id"] == params["base"]["hub_id"]
     for split in ("train", "val", "test"):
         n = len((tiny_repo / p["split"] / f"{split}.jsonl").read_text().splitlines())
         assert card["data"][split]["n"] == n
@@ -75,9 +132,10 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert card["params"]["finetune"]["epochs"] == params["finetune"]["epochs"]
     for name, h in card["files"].items():
         assert h["md5"] == md5(tiny_repo / p["release"] / name), name
-    # the commit the bundle was built from, and the md5s dvc.lock holds for the stage's inputs
-    head = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
-    assert card["provenance"]["git"]["commit"] == head
+    # what the bundle was built from: the md5s dvc.lock holds for the stage's inputs, the runtime pins;
+    # no git commit (it does not exist yet when the bundle is written; the release's tag names it)
+    assert card["provenance"]["runtime"] == yaml.safe_load((tiny_repo / "runtime.yaml").read_text())
+    assert "git" not in card["provenance"]
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
     assert card["provenance"]["dvc_deps_md5"][p["quantize_q8"]] == lock["quantize_q8"]["outs"][0]["md5"]
     deps = {d["path"]: d["md5"] for d in lock["release"]["deps"]}
@@ -85,6 +143,7 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert "## Metrics" in (tiny_repo / p["release"] / BUNDLE["card_md"]).read_text()
 
 
+@pytest.mark.slow
 def test_release_refuses_when_a_gate_fails(tiny_repo: Path, tmp_path: Path) -> None:
     p = paths(tiny_repo)
     parity = json.loads((tiny_repo / p["m_parity"]).read_text())
@@ -99,6 +158,7 @@ def test_release_refuses_when_a_gate_fails(tiny_repo: Path, tmp_path: Path) -> N
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_version_pushed_tagged_and_got_by_dvc_alone_reads_as_eval_parity(
         tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")

@@ -11,19 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from src.stages import download, resize256
 from src.canvas import BadImage, canvas_png, decode, to_canvas
-from src.contract import CanvasSpec
+from src.contract import CanvasSpec, Contract
 from src.records import read_jsonl, sha256
 from src.sources import folder_items
 from tests.conftest import kill_midway
 from tests.test_download import png_header_only, tree
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = CanvasSpec(size=256, resample="bilinear", alpha="composite_black", exif="ignore", max_pixels=40_000_000)
-CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t")
+SPEC = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]).canvas
+CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
 
 
 def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -93,7 +94,7 @@ def pipeline(tmp: Path, files: dict[str, bytes], spec: CanvasSpec = SPEC, worker
         (src / name).write_bytes(data)
     dl = tmp / "dl"
     if not (dl / "manifest.jsonl").exists():
-        download.run(folder_items(src, False), dl, tmp / "dl.json", CFG, max_failure_rate=1.0)
+        download.run(folder_items(src, False, ()), dl, tmp / "dl.json", CFG, max_failure_rate=1.0)
     out = tmp / f"rs-{spec.exif}-{workers}"
     summary = resize256.run(dl, out, spec, workers)
     names = {r["id"]: r["url"].removeprefix("folder:") for r in read_jsonl(dl / "manifest.jsonl")}
@@ -187,7 +188,7 @@ def test_missing_or_altered_input_files_are_rejected_not_fatal(tmp_path: Path) -
     src.mkdir()
     for k, v in files.items():
         (src / k).write_bytes(v)
-    download.run(folder_items(src, False), tmp_path / "dl", tmp_path / "dl.json", CFG, 1.0)
+    download.run(folder_items(src, False, ()), tmp_path / "dl", tmp_path / "dl.json", CFG, 1.0)
     rows = read_jsonl(tmp_path / "dl" / "manifest.jsonl")
     (tmp_path / "dl" / rows[0]["path"]).unlink()
     (tmp_path / "dl" / rows[1]["path"]).write_bytes(b"changed")
@@ -208,7 +209,7 @@ resize256.run(Path(sys.argv[1]), Path(sys.argv[2]), SPEC, 1)
 """
 
 
-def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterrupted_run(
+def test_two_sigkills_and_a_torn_journal_then_rerun_renders_only_the_rest_and_matches_an_uninterrupted_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, dl = tmp_path / "photos", tmp_path / "dl"
     src.mkdir()
@@ -216,13 +217,36 @@ def test_sigkill_midway_then_rerun_renders_only_the_rest_and_matches_an_uninterr
     for i in range(N_KILL):
         small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((640, 480))
         (src / f"{i:03d}.jpg").write_bytes(save(small, "JPEG"))
-    download.run(folder_items(src, False), dl, tmp_path / "dl.json", CFG, 0.0)
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
     out = tmp_path / "killed"
     journaled = len(kill_midway(KILL_SCRIPT, [str(dl), str(out)], out / "journal.jsonl", 10, timeout_s=30))
     assert 10 <= journaled < N_KILL and not (out / "records.jsonl").exists()  # it really died midway
+    with (out / "journal.jsonl").open("a") as f:  # what a kill in the middle of an append leaves
+        f.write('{"sha256": "torn", "sp')
+    journaled = len(kill_midway(KILL_SCRIPT, [str(dl), str(out)], out / "journal.jsonl", journaled + 10, timeout_s=30))
+    assert journaled < N_KILL and not (out / "records.jsonl").exists()  # killed a second time
     capsys.readouterr()
     resize256.run(dl, out, SPEC, 2)
     assert f"; {journaled} resumed ->" in capsys.readouterr().out  # rendered only what the journal lacked
     resize256.run(dl, tmp_path / "clean", SPEC, 2)
     assert tree(out) == tree(tmp_path / "clean")
     assert not (out / "journal.jsonl").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_rerun_renders_only_new_photos_and_a_new_contract_renders_all(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dl, out = tmp_path / "photos", tmp_path / "dl", tmp_path / "rs"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i}.png").write_bytes(save(Image.new("RGB", (30 + i, 20), (i, 2 * i, 3 * i)), "PNG"))
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
+    resize256.run(dl, out, SPEC, 1)
+    (src / "new.png").write_bytes(save(Image.new("RGB", (50, 10), 9), "PNG"))
+    download.run(folder_items(src, False, ()), dl, tmp_path / "dl.json", CFG, 0.0)
+    capsys.readouterr()
+    resize256.run(dl, out, SPEC, 1)  # the persisted output of the last run, as DVC leaves it
+    assert "; 6 resumed ->" in capsys.readouterr().out
+    resize256.run(dl, tmp_path / "clean", SPEC, 1)
+    assert tree(out) == tree(tmp_path / "clean")
+    resize256.run(dl, out, dataclasses.replace(SPEC, size=SPEC.size // 2), 1)
+    assert "; 0 resumed ->" in capsys.readouterr().out

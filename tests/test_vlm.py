@@ -17,15 +17,11 @@ from src.contract import Contract, VisionSpec
 from tests.conftest import ROOT
 
 C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
-TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
-                       text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    model, processor = vlm.build(TINY, C.vision)
-    vlm.configure(model, processor, C.vision, C.target)
-    return model, processor
+def tiny(tiny_model: tuple[Any, Any]) -> tuple[Any, Any]:
+    return tiny_model
 
 
 def canvas(seed: int) -> Image.Image:
@@ -66,8 +62,13 @@ def test_configure_writes_geometry_and_eos_that_survive_saving(tiny: tuple[Any, 
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == \
         processor.tokenizer.convert_tokens_to_ids(C.target.eos)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == C.target.eos
+    # SmolVLM's chat template, not SmolLM2's text-only one: llama.cpp's converter copies this file into the GGUF
+    assert (tmp_path / "chat_template.jinja").read_text() == vlm.SMOLVLM_CHAT_TEMPLATE
     # the hub loading path, pointed at a local directory
     loaded, lproc = vlm.load(str(tmp_path))
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Which?"}, {"type": "image"}]}]
+    assert lproc.apply_chat_template(chat, add_generation_prompt=True) == \
+        f"<|im_start|>User: Which?{vlm.HF_IMAGE_TOKEN}{C.target.eos}\nAssistant:"
     inputs = vlm.prompt_inputs(lproc, C.prompt, C.labels, canvas(3))
     torch.testing.assert_close(vlm.first_logits(loaded, inputs), vlm.first_logits(model, inputs))
 

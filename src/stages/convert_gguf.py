@@ -18,6 +18,12 @@ from src.llama_build import convert
 from src.params import stage_params
 
 
+def jobs(out: Path, text_outtypes: list[str], mmproj_outtype: str) -> list[tuple[Path, str, bool]]:
+    """(file, outtype, is the mmproj) for each converter call: every text outtype, then the one mmproj."""
+    if not text_outtypes or len(set(text_outtypes)) != len(text_outtypes):
+        raise SystemExit(f"convert_gguf.text_outtypes={text_outtypes!r}: expected distinct outtypes, at least one")
+    return [(text_gguf(out, t), t, False) for t in text_outtypes] + [(mmproj_gguf(out, mmproj_outtype), mmproj_outtype, True)]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,11 +32,10 @@ def main() -> None:
     args = ap.parse_args()
     p = stage_params("convert_gguf")["convert_gguf"]
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(text_gguf(args.out, t), t, False) for t in p["text_outtypes"]]
-    jobs.append((mmproj_gguf(args.out, p["mmproj_outtype"]), p["mmproj_outtype"], True))
-    for path, outtype, mmproj in tqdm(jobs, desc="convert_gguf"):
+    todo = jobs(args.out, p["text_outtypes"], p["mmproj_outtype"])
+    for path, outtype, mmproj in tqdm(todo, desc="convert_gguf"):
         convert(args.finetune, path, outtype, mmproj)
-    print("convert_gguf: " + ", ".join(p.name for p, _, _ in jobs) + f" -> {args.out}")
+    print("convert_gguf: " + ", ".join(p.name for p, _, _ in todo) + f" -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 Inputs:  the source named in params (src/sources.py: demo, a CSV/JSONL URL manifest, a
          local folder, a Hugging Face dataset); the embedded demo needs no network.
 Outputs: OUT/images/<sha256>.<ext> (each distinct content once) and OUT/manifest.jsonl, one
-         record per item in source order: id, url, status ("ok"|"failed"), error, error_kind,
-         sha256, path, bytes, width, height, format, label, source, licence, duplicate_of;
+         record per item in source order: id, url, name, status ("ok"|"failed"), error, error_kind,
+         sha256, path, bytes, width, height, format, label, source, licence, duplicate_of, and for
+         URLs the snapshot it was fetched or revalidated under, with the server's etag and last_modified;
          METRICS: counts (items, ok, failed, duplicates, failure_rate, errors by kind, formats).
 Params:  download.source, download.demo.*, download.manifest.path, download.folder.*,
-         download.hf.*, download.http.*, download.max_failure_rate, contract.labels
+         download.hf.*, download.http.* (snapshot: the URL refresh policy), download.max_failure_rate,
+         contract.labels
 Command: python -m src.stages.download data/download metrics/download.json
 
 Remote items are fetched over http/https only (other schemes are refused, also as a
@@ -15,7 +17,12 @@ redirect target), by a bounded thread pool, with a total timeout per attempt, re
 with exponential backoff on transient errors (timeouts, connection errors, 408/425/429/5xx)
 and a byte cap. Content is judged by decoding its header, never by extension or
 Content-Type. Every result is appended to OUT/journal.jsonl (fsynced) as it lands, so a
-killed run resumes: ok remote items whose file is stored are never fetched again. The
+killed run resumes. The output persists between runs (dvc.yaml `persist`), and dvc.yaml lists
+every source's location as a dependency, so DVC reruns download when a photo or a manifest row
+is added, removed or changed, and the rerun does only that work: a local photo whose bytes hash
+as before is not decoded again, and a stored URL is not fetched again while
+download.http.snapshot stays the same. A new snapshot revalidates every stored URL with a
+conditional GET (If-None-Match / If-Modified-Since): 304 keeps the stored file. The
 manifest is written atomically at the end, then the journal and unreferenced files are
 removed, so a resumed run leaves the same bytes as an uninterrupted one. The stage exits
 non-zero when the failure rate exceeds download.max_failure_rate.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import threading
 import time
 import warnings
@@ -43,7 +51,7 @@ from tqdm import tqdm
 from src.contract import labels_of
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
-from src.sources import Item, items_from_params
+from src.sources import Item, SourceError, items_from_params
 
 EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 SCHEMES = ("http", "https")
@@ -61,6 +69,7 @@ class HttpConfig:
     backoff_s: float
     max_bytes: int
     user_agent: str
+    snapshot: str  # the URL refresh policy: see the module docstring
 
 
 class FetchError(Exception):
@@ -99,22 +108,33 @@ def _session(cfg: HttpConfig) -> requests.Session:
     if getattr(_local, "session", None) is None:
         s = requests.Session()
         s.headers["User-Agent"] = cfg.user_agent
-        s.max_redirects = MAX_REDIRECTS
         _local.session = s
     return _local.session
 
 
-def _get_once(url: str, cfg: HttpConfig) -> bytes:
+@dataclass(frozen=True)
+class Fetched:
+    """A response body (None: 304, the stored copy is current) and the validators to revalidate it with."""
+    body: bytes | None
+    etag: str | None
+    last_modified: str | None
+
+
+def _get_once(url: str, cfg: HttpConfig, validators: dict[str, str]) -> Fetched:
     """One attempt: follow redirects by hand (each hop's scheme is checked), stream under the caps."""
     deadline = time.monotonic() + cfg.timeout_s
     via = None
     for _ in range(MAX_REDIRECTS + 1):
         check_scheme(url, via)
         try:
-            with _session(cfg).get(url, stream=True, allow_redirects=False, timeout=(cfg.timeout_s, cfg.timeout_s)) as r:
+            with _session(cfg).get(url, stream=True, allow_redirects=False, headers=validators,
+                                   timeout=(cfg.timeout_s, cfg.timeout_s)) as r:
                 if r.is_redirect:
                     via, url = url, urljoin(url, r.headers["location"])
                     continue
+                tags = {"etag": r.headers.get("etag"), "last_modified": r.headers.get("last-modified")}
+                if r.status_code == 304 and validators:
+                    return Fetched(None, **tags)
                 if r.status_code >= 400:
                     raise FetchError(f"http_{r.status_code}", f"HTTP {r.status_code} {r.reason}",
                                      transient=r.status_code in RETRY_STATUS)
@@ -132,7 +152,7 @@ def _get_once(url: str, cfg: HttpConfig) -> bytes:
                         raise FetchError("too_large", f"body exceeds max_bytes {cfg.max_bytes} (stopped reading)")
                     if time.monotonic() > deadline:
                         raise FetchError("timeout", f"slow host: body not complete within {cfg.timeout_s:g} s", transient=True)
-                return bytes(buf)
+                return Fetched(bytes(buf), **tags)
         except FetchError:
             raise
         except urllib3.exceptions.ReadTimeoutError:  # raised by r.raw while streaming the body
@@ -152,11 +172,14 @@ def _get_once(url: str, cfg: HttpConfig) -> bytes:
     raise FetchError("redirect", f"more than {MAX_REDIRECTS} redirects")
 
 
-def fetch(url: str, cfg: HttpConfig) -> bytes:
-    """`url`'s body, retrying transient failures with exponential backoff; else FetchError."""
+def fetch(url: str, cfg: HttpConfig, validators: dict[str, str] | None = None) -> Fetched:
+    """`url`'s body, retrying transient failures with exponential backoff; else FetchError.
+
+    With `validators` (If-None-Match / If-Modified-Since) a 304 answers `Fetched(None, ...)`.
+    """
     for attempt in range(cfg.retries + 1):
         try:
-            return _get_once(url, cfg)
+            return _get_once(url, cfg, validators or {})
         except FetchError as e:
             if not e.transient or attempt == cfg.retries:
                 if e.transient:
@@ -191,31 +214,51 @@ def store(out: Path, data: bytes) -> dict[str, Any]:
     return {"sha256": digest, "path": rel, "bytes": len(data), "width": w, "height": h, "format": fmt}
 
 
+CONTENT = ("sha256", "path", "bytes", "width", "height", "format")
+
+
 def _record(item: Item, **fields: Any) -> dict[str, Any]:
-    base = {"id": item.id, "url": item.url, "label": item.label, "source": item.source, "licence": item.licence,
-            "status": "ok", "error": None, "error_kind": None, "sha256": None, "path": None, "bytes": None,
-            "width": None, "height": None, "format": None, "duplicate_of": None}
+    base = {"id": item.id, "url": item.url, "name": item.name, "label": item.label, "source": item.source,
+            "licence": item.licence, "status": "ok", "error": None, "error_kind": None, "sha256": None, "path": None,
+            "bytes": None, "width": None, "height": None, "format": None, "duplicate_of": None,
+            "snapshot": None, "etag": None, "last_modified": None}
     return {**base, **fields}
 
 
-def get_item(item: Item, out: Path, cfg: HttpConfig) -> dict[str, Any]:
-    """Fetch or read one item and store it; never raises for a bad item, returns a failed record."""
+def stored(row: dict[str, Any] | None, out: Path) -> bool:
+    """An ok record of an earlier run whose file is still in the store."""
+    return bool(row) and row.get("status") == "ok" and bool(row.get("path")) and (out / row["path"]).exists()
+
+
+def get_item(item: Item, out: Path, cfg: HttpConfig, earlier: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """(record, what it cost: fetched | decoded | revalidated | unchanged). Never raises for a bad item:
+    a failed item is a failed record naming the photo and the cause."""
     try:
-        data = item.load() if item.load is not None else fetch(item.url, cfg)
-        return _record(item, **store(out, data))
+        if item.load is not None:
+            data = item.load()
+            if stored(earlier, out) and earlier["sha256"] == sha256(data):
+                return _record(item, **{k: earlier[k] for k in CONTENT}), "unchanged"  # same bytes: no decode
+            return _record(item, **store(out, data)), "decoded"
+        validators = {}
+        if stored(earlier, out) and earlier.get("url") == item.url:
+            validators = {k: v for k, v in (("If-None-Match", earlier.get("etag")),
+                                            ("If-Modified-Since", earlier.get("last_modified"))) if v}
+        got = fetch(item.url, cfg, validators)
+        tags = {"snapshot": cfg.snapshot, "etag": got.etag, "last_modified": got.last_modified}
+        if got.body is None:
+            return _record(item, **{k: earlier[k] for k in CONTENT}, **tags), "revalidated"
+        return _record(item, **store(out, got.body), **tags), "fetched"
     except FetchError as e:
-        return _record(item, status="failed", error=f"{item.url}: {e}", error_kind=e.kind)
+        return _record(item, status="failed", error=f"{item.name}: {e}", error_kind=e.kind), "failed"
     except OSError as e:  # local sources: unreadable file
-        return _record(item, status="failed", error=f"{item.url}: cannot read: {_root_cause(e)}", error_kind="read")
+        return _record(item, status="failed", error=f"{item.name}: cannot read: {_root_cause(e)}",
+                       error_kind="read"), "failed"
 
 
-def resumable(row: dict[str, Any], item: Item, out: Path) -> bool:
-    """A stored remote item from an earlier (possibly killed) run: same url, ok, file present.
-
-    Local items are read again (cheap, and their content may have changed under the same path).
-    """
-    return (item.load is None and row.get("url") == item.url and row.get("status") == "ok"
-            and bool(row.get("path")) and (out / row["path"]).exists())
+def current(row: dict[str, Any] | None, item: Item, out: Path, snapshot: str) -> bool:
+    """A stored remote item fetched (or revalidated) under this snapshot: nothing to do for it."""
+    return (item.load is None and stored(row, out) and row.get("url") == item.url
+            and row.get("snapshot") == snapshot)
 
 
 def mark_duplicates(records: list[dict[str, Any]]) -> None:
@@ -240,28 +283,29 @@ def summarize(records: list[dict[str, Any]], max_failure_rate: float) -> dict[st
 
 
 def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failure_rate: float) -> dict[str, Any]:
-    """Fetch what is missing, write manifest + metrics; raise SystemExit above the failure gate."""
-    if not items:
-        raise SystemExit("download: the source lists no items")
+    """Fetch or read what changed, write manifest + metrics; raise SystemExit above the failure gate."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = {r["id"]: r for r in [*read_jsonl(out / MANIFEST), *read_jsonl(out / JOURNAL)]}
     done: dict[str, dict[str, Any]] = {}
     for it in items:
         row = earlier.get(it.id)
-        if row is not None and resumable(row, it, out):
-            done[it.id] = _record(it, **{k: row[k] for k in ("sha256", "path", "bytes", "width", "height", "format")})
+        if current(row, it, out, cfg.snapshot):
+            done[it.id] = _record(it, **{k: row[k] for k in (*CONTENT, "snapshot", "etag", "last_modified")})
     todo = [it for it in items if it.id not in done]
     # The same url listed twice is fetched once.
     by_url: dict[str, list[Item]] = {}
     for it in todo:
         by_url.setdefault(it.url if it.load is None else f"{it.id}\0{it.url}", []).append(it)
+    cost: Counter[str] = Counter(current=len(done))
     pool = ThreadPoolExecutor(max(1, cfg.workers))
     try:
-        futures = {pool.submit(get_item, group[0], out, cfg): group for group in by_url.values()}
+        futures = {pool.submit(get_item, group[0], out, cfg, earlier.get(group[0].id)): group for group in by_url.values()}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="download", unit="item"):
-            first = fut.result()
+            first, how = fut.result()
+            cost[how] += 1
             for it in futures[fut]:
-                row = {**first, "id": it.id, "label": it.label, "source": it.source, "licence": it.licence}
+                row = {**first, "id": it.id, "name": it.name, "label": it.label, "source": it.source,
+                       "licence": it.licence}
                 append_jsonl(out / JOURNAL, row)  # fsynced: survives SIGKILL
                 done[it.id] = row
     finally:
@@ -273,8 +317,9 @@ def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failur
     prune_store(out, "images", {r["path"] for r in records if r["path"]}, JOURNAL)
     summary = summarize(records, max_failure_rate)
     write_json(metrics, summary)
-    print(f"download: {summary['ok']} ok ({summary['duplicates']} duplicates), {summary['failed']} failed, "
-          f"{len(items) - len(todo)} resumed from an earlier run -> {out / MANIFEST}, {metrics}")
+    work = ", ".join(f"{k} {cost[k]}" for k in ("fetched", "decoded", "revalidated", "unchanged", "current", "failed"))
+    print(f"download: {summary['ok']} ok ({summary['duplicates']} duplicates), {summary['failed']} failed; "
+          f"work: {work} -> {out / MANIFEST}, {metrics}")
     if summary["failure_rate"] > max_failure_rate:
         worst = ", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items(), key=lambda kv: -kv[1]))
         raise SystemExit(f"download: failure rate {summary['failure_rate']:.1%} ({summary['failed']}/{summary['items']}) "
@@ -290,7 +335,11 @@ def main() -> None:
     args = ap.parse_args()
     p = stage_params("download")
     d = p["download"]
-    items = items_from_params(d, labels_of(p["contract"]))
+    try:
+        items = items_from_params(d, labels_of(p["contract"]))
+    except SourceError as e:
+        print(f"params.yaml: {e}" if str(e).startswith("download.") else str(e), file=sys.stderr)
+        raise SystemExit(2) from None
     run(items, args.out, args.metrics, HttpConfig(**d["http"]), d["max_failure_rate"])
 
 

@@ -42,7 +42,7 @@ from src import vlm
 from src.canvas import android_canvas, canvas_png, decode, to_canvas
 from src.contract import Contract
 from src.artifacts import text_gguf, the_mmproj
-from src.answers import kl, parse_answer, softmax
+from src.answers import kl, label_probs, parse_answer
 from src.gates import RUNTIME, class_coverage_gate, gates
 from src.llama_runtime import LlamaVLM, expand
 from src.params import stage_params
@@ -87,7 +87,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
     label_ids = vlm.label_token_ids(tok, contract.labels, contract.target)
     gen = contract.generation
     out: list[Row] = []
-    offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": []}
+    offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": [],
+                                       "canvas": []}
     canvas_diffs, canvas_psnrs, stored_same, flips, image_tokens = [], [], [], 0, set()
     logit_diffs, kls = [], []
     with LlamaVLM(*f16, n_ctx=n_ctx) as vf16, LlamaVLM(*q8, n_ctx=n_ctx) as vq8:
@@ -102,6 +103,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             if r["id"] in photos:
                 _, android, diff, p, same = canvas_rung(photos[r["id"]], stored, contract)
                 canvas_diffs.append(diff)
+                if diff > 0:
+                    offenders["canvas"].append(r["id"])
                 canvas_psnrs.append(p)
                 stored_same.append(same)
                 a_ans = vq8.generate(prompt, android, gen)
@@ -115,11 +118,11 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             hf_logits = vlm.first_logits(model, inputs).numpy()
             text, _, stopped = vlm.generate(model, processor, inputs, gen)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
-            row.probs["hf"] = softmax(hf_logits[label_ids]).tolist()
+            row.probs["hf"] = label_probs(hf_logits, label_ids).tolist()
             for side, v in (("f16", vf16), ("q8_0", vq8)):
                 ans = v.generate(prompt, canvas, gen)
                 row.raw[side], row.answers[side] = ans.text, parse_answer(ans.text, ans.stopped, contract)
-                row.probs[side] = softmax(ans.first_logits[label_ids]).tolist()
+                row.probs[side] = label_probs(ans.first_logits, label_ids).tolist()
                 if side == "f16":
                     logit_diffs.append(float(np.abs(ans.first_logits[: len(hf_logits)] - hf_logits).max()))
                 else:

@@ -1,15 +1,18 @@
 """finetune: teach the base SmolVLM to answer the app prompt with one element, then merge.
 
-Inputs:  SPLIT/{train,val}.jsonl and the canvases under RESIZE256.
+Inputs:  BASE/ the base model as the base stage fitted it to the contract, SPLIT/{train,val}.jsonl and
+         the canvases under RESIZE256.
 Outputs: OUT/ a merged safetensors checkpoint with processor and tokenizer, configured by the
          contract (geometry, EOS, text architecture) for conversion; METRICS (val accuracy,
          val loss, samples/s, epochs); LIVE/ DVCLive logs for `dvc plots`.
          CKPT/ (scratch outside DVC's outputs) holds the last epoch, so a killed run resumes where it
          stopped; it is keyed by a fingerprint of params and data and ignored when they differ.
 Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, contract.vision.*
-Command: python -m src.stages.finetune data/split data/resize256 models/finetune metrics/finetune.json \
+         (the base model's own params, base.*, are the base stage's)
+Command: python -m src.stages.finetune models/base data/split data/resize256 models/finetune metrics/finetune.json \
              metrics/finetune_live .cache/finetune_ckpt
-         accelerate launch --num_processes N -m src.stages.finetune ...   (the same script on N GPUs)
+         torchrun --nproc_per_node N -m src.stages.finetune ...   (or `accelerate launch`: the same script
+             on N processes; each takes its share of every batch, see src/training.py)
 
 LoRA adapts the language model; the modules in finetune.train_full train fully:
 the connector, and the final norm, which lets a small model's answers become
@@ -22,115 +25,142 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import Accelerator
 from dvclive import Live
 from tqdm import tqdm
 
 from src import vlm
 from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
 from src.params import stage_params
-from src.records import read_jsonl, write_json
-from src.training import NullLive, base_model, batch_loss, evaluate, fingerprint, load_checkpoint, load_examples, lora, \
-    save_checkpoint, trainable
+from src.records import read_jsonl, sha256_file, write_json
+from src.training import Example, NullLive, Procs, evaluate, fingerprint, load_checkpoint, \
+    load_examples, lora, save_checkpoint, start_processes, stop_processes, train_epoch, trainable
+
+LOGGED = ("train_loss", "val_loss", "val_acc")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("split", "canvases", "out", "metrics", "live", "ckpt"):
-        ap.add_argument(name, type=Path)
-    args = ap.parse_args()
-    p = stage_params("finetune")
+@dataclass
+class Run:
+    """Everything an epoch needs: the model being trained, its optimiser, the data and where it stands."""
+
+    peft_model: Any
+    net: Any  # the base model with LoRA layers injected in place: called directly
+    processor: Any
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    train: list[Example]
+    val: list[Example]
+    label_ids: list[int]
+    cached: bool
+    best: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def fill_feature_cache(model: Any, examples: list[Example], device: torch.device) -> None:
+    with torch.no_grad():
+        for e in tqdm(examples, desc="feature cache"):
+            e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None].to(device),
+                                         e.tensors["pixel_attention_mask"][None].to(device))[0]
+
+
+def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
+    """The base model with LoRA, the examples (and their cached features), resumed from the checkpoint if it fits."""
     ft, c = p["finetune"], p["contract"]
     prompt, labels, target, vision = PromptSpec(**c["prompt"]), labels_of(c), TargetSpec(**c["target"]), VisionSpec(**c["vision"])
     torch.manual_seed(ft["seed"])
-    # One script for one CPU, one GPU or `accelerate launch` on several: each process takes its share
-    # of every batch and gradients are averaged across processes (a no-op for one).
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    main_process = acc.is_main_process
-
-    model, processor = base_model(ft["base"], vision, target)
-    model.to(acc.device)
+    model, processor = vlm.load(str(args.base))
+    vlm.configure(model, processor, vision, target)  # a no-op on a base stage output; refuses a stale one
+    model.to(procs.device)
     label_ids = vlm.label_token_ids(processor.tokenizer, labels, target)
     train_rows, val_rows = read_jsonl(args.split / "train.jsonl"), read_jsonl(args.split / "val.jsonl")
     train = load_examples(train_rows, args.canvases, processor, prompt, labels, target, "train")
     val = load_examples(val_rows, args.canvases, processor, prompt, labels, target, "val")
-    pad_id = processor.tokenizer.pad_token_id
-
     cached = ft["feature_cache"] and "vision_model" not in ft["train_full"]
     if cached:
-        with torch.no_grad():
-            for e in tqdm(train + val, desc="feature cache"):
-                e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None].to(acc.device),
-                                             e.tensors["pixel_attention_mask"][None].to(acc.device))[0]
-
-    eos_id = processor.tokenizer.convert_tokens_to_ids(target.eos)
-    peft_model = lora(model, ft, label_ids + [eos_id])
-    net = peft_model.get_base_model()  # LoRA layers are injected in place; call the model directly
+        fill_feature_cache(model, train + val, procs.device)
+    peft_model = lora(model, ft, label_ids + [processor.tokenizer.convert_tokens_to_ids(target.eos)])
+    net = peft_model.get_base_model()
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
-    fp = fingerprint(p, train_rows + val_rows)
+    # the base's weights are part of what a checkpoint was trained on; its params are not ours to read
+    fp = fingerprint({**p, "base_sha256": sha256_file(args.base / "model.safetensors")}, train_rows + val_rows)
     resumed = load_checkpoint(args.ckpt, net, opt, params, fp)
-    best, state = resumed if resumed else (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
-                                                           "best": {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}})
     if resumed:
-        print(f"finetune: resuming after epoch {state['epoch']} from {args.ckpt}")
+        print(f"finetune: resuming after epoch {resumed[1]['epoch']} from {args.ckpt}")
+    best, state = resumed or (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
+                                               "best": {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}})
+    return Run(peft_model, net, processor, opt, params, train, val, label_ids, cached, best, state)
 
-    if main_process:
-        shutil.rmtree(args.live, ignore_errors=True)
-    with (Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) if main_process else NullLive()) as live:
-        for h in state["history"]:  # replay a resumed run's epochs, so the logs are whole
-            for k in ("train_loss", "val_loss", "val_acc"):
-                live.log_metric(k, h[k])
-            live.next_step()
-        train_time, train_seen = 0.0, 0
-        for epoch in range(state["epoch"] + 1, ft["epochs"] + 1):
-            torch.manual_seed(ft["seed"] + epoch)  # per-epoch seed: a resumed epoch shuffles as the original
-            order = torch.randperm(len(train)).tolist()
-            net.train()
-            t0, losses = time.perf_counter(), []
-            for i in tqdm(range(0, len(order), ft["batch_size"]), desc=f"epoch {epoch}/{ft['epochs']}"):
-                batch = [train[j] for j in order[i:i + ft["batch_size"]]]
-                share = batch[acc.process_index::acc.num_processes] or batch[:1]
-                loss, _ = batch_loss(net, share, pad_id, cached)
-                opt.zero_grad()
-                loss.backward()
-                if acc.num_processes > 1:
-                    for q in params:
-                        if q.grad is not None:  # the same parameters lack a gradient on every process
-                            q.grad = acc.reduce(q.grad, reduction="mean")
-                opt.step()
-                losses.append(loss.item() * len(batch))
-            train_time += time.perf_counter() - t0
-            train_seen += len(order)
-            val_acc, val_loss = evaluate(net, val, pad_id, cached, label_ids, labels, ft["batch_size"])
-            h = {"epoch": epoch, "train_loss": sum(losses) / len(order), "val_loss": val_loss, "val_acc": val_acc}
-            state["history"].append(h)
-            for k in ("train_loss", "val_loss", "val_acc"):
-                live.log_metric(k, h[k])
-            live.next_step()
-            b = state["best"]
-            if (val_acc, -val_loss) > (b["val_acc"], -b["val_loss"]):
-                state["best"], best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, trainable(net)
-            state["epoch"] = epoch
-            state["samples_per_s"] = train_seen / train_time
-            if main_process:
-                save_checkpoint(args.ckpt, net, opt, params, best, state)
-            print(f"epoch {epoch}: train_loss {h['train_loss']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
 
-    if not main_process:
-        return
-    net.load_state_dict(best, strict=False)
-    merged = peft_model.merge_and_unload().to("cpu")
-    shutil.rmtree(args.out, ignore_errors=True)
-    vlm.save(merged, processor, args.out)
-    write_json(args.metrics, {"val_acc": state["best"]["val_acc"], "val_loss": state["best"]["val_loss"],
-                              "best_epoch": state["best"]["epoch"], "epochs": state["epoch"],
-                              "samples_per_s": round(state.get("samples_per_s", 0.0), 2),
-                              "feature_cache": cached, "n_train": len(train), "n_val": len(val)})
-    print(f"finetune: best val_acc {state['best']['val_acc']:.3f} at epoch {state['best']['epoch']} -> {args.out}")
+def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckpt: Path, live: Any) -> None:
+    """The epochs still to run after a resumed checkpoint; each one logged, checkpointed and kept if best."""
+    for h in run.state["history"]:  # replay a resumed run's epochs, so the logs are whole
+        for k in LOGGED:
+            live.log_metric(k, h[k])
+        live.next_step()
+    pad_id = run.processor.tokenizer.pad_token_id
+    train_time, train_seen = 0.0, 0
+    for epoch in range(run.state["epoch"] + 1, ft["epochs"] + 1):
+        torch.manual_seed(ft["seed"] + epoch)  # per-epoch seed: a resumed epoch shuffles as the original
+        order = torch.randperm(len(run.train)).tolist()
+        t0 = time.perf_counter()
+        train_loss = train_epoch(run.net, run.opt, run.params, run.train, order, ft["batch_size"], pad_id, run.cached,
+                                 procs, f"epoch {epoch}/{ft['epochs']}")
+        train_time += time.perf_counter() - t0
+        train_seen += len(order)
+        val_acc, val_loss = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
+        h = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
+        run.state["history"].append(h)
+        for k in LOGGED:
+            live.log_metric(k, h[k])
+        live.next_step()
+        b = run.state["best"]
+        if (val_acc, -val_loss) > (b["val_acc"], -b["val_loss"]):
+            run.state["best"], run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, trainable(run.net)
+        run.state["epoch"] = epoch
+        run.state["samples_per_s"] = train_seen / train_time
+        if procs.main:
+            save_checkpoint(ckpt, run.net, run.opt, run.params, run.best, run.state)
+        print(f"epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
+
+
+def save(run: Run, out: Path, metrics: Path) -> None:
+    """Merge the best epoch's weights and write the checkpoint and the metrics."""
+    run.net.load_state_dict(run.best, strict=False)
+    merged = run.peft_model.merge_and_unload().to("cpu")
+    shutil.rmtree(out, ignore_errors=True)
+    vlm.save(merged, run.processor, out)
+    s = run.state
+    write_json(metrics, {"val_acc": s["best"]["val_acc"], "val_loss": s["best"]["val_loss"],
+                         "best_epoch": s["best"]["epoch"], "epochs": s["epoch"],
+                         "feature_cache": run.cached, "n_train": len(run.train), "n_val": len(run.val)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("base", "split", "canvases", "out", "metrics", "live", "ckpt"):
+        ap.add_argument(name, type=Path)
+    args = ap.parse_args()
+    p = stage_params("finetune")
+    procs = start_processes()
+    try:
+        run = prepare(args, p, procs)
+        if procs.main:
+            shutil.rmtree(args.live, ignore_errors=True)
+        with Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) if procs.main else NullLive() as live:
+            fit(run, p["finetune"], labels_of(p["contract"]), procs, args.ckpt, live)
+    finally:
+        stop_processes()
+    if procs.main:
+        save(run, args.out, args.metrics)
+        b = run.state["best"]
+        # A timing is printed, never written into an output: it would change a hash on every machine.
+        print(f"finetune: best val_acc {b['val_acc']:.3f} at epoch {b['epoch']} "
+              f"({run.state.get('samples_per_s', 0.0):.1f} samples/s) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Outputs: OUT/labels.jsonl, one record per canvas: id, name, canvas, canvas_sha25
          status (ok|failed), error, provider (manifest|teacher|override), reason;
          OUT/audit.html, the canvases grouped by element with their reasons, for review;
          METRICS: counts, label distribution, requests, cache hits, tokens, estimated cost.
-         Provider `teacher` also appends to CACHE (see src/teacher.py), which outlives OUT.
+         Provider `teacher` also appends to CACHE (src/label_cache.py), which outlives OUT.
 Params:  label.provider, label.max_failure_rate, label.concurrency, label.max_attempts,
          label.answer_attempts, label.backoff_s, label.teacher.*, label.batch.*, label.price.*,
          contract.labels
@@ -15,7 +15,10 @@ Command: python -m src.stages.label data/resize256 data/label metrics/label.json
 Provider `manifest` (the default: no key, no network) takes the label the source
 supplied and checks it against the contract's labels. Provider `teacher` asks a VLM
 over an OpenAI-compatible API (label.teacher.base_url, .model; the key only from the
-environment variable named by label.teacher.api_key_env), online or via the Batch API.
+environment variable named by label.teacher.api_key_env), online or via the Batch API
+(src/teacher/). label.teacher.response_format and .max_tokens_field fit the request to
+the server (OpenAI, vLLM, llama.cpp: README "Teacher servers"); a server that refuses
+one of them stops the stage with one line naming the field.
 
 Overrides win over either provider. Each CSV row is `key,element,note`, key being a
 canvas sha256 or a source id; lines starting with # are comments. An overridden canvas
@@ -34,9 +37,11 @@ from typing import Any
 
 from src.audit import audit_html
 from src.contract import labels_of
+from src.label_cache import AnswerCache
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
-from src.teacher import AnswerCache, BatchPending, Item, TeacherConfig, TeacherFatal, Tally, cache_key, teach
+from src.teacher.client import teach
+from src.teacher.request import BatchPending, Item, Tally, TeacherConfig, TeacherFatal, cache_key
 
 PROVIDERS = ("manifest", "teacher")
 Override = tuple[str, str]  # (element, note)
@@ -129,8 +134,11 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
                  "cost_labels_usd": 0.0}
     else:
         try:
-            labelled, stats = from_teacher(rows, resize256, labels, TeacherConfig.from_params(lp), cache_dir,
-                                           set(overrides))
+            cfg = TeacherConfig.from_params(lp)
+        except ValueError as e:
+            raise SystemExit(f"label: {e}") from None
+        try:
+            labelled, stats = from_teacher(rows, resize256, labels, cfg, cache_dir, set(overrides))
         except (TeacherFatal, BatchPending) as e:
             raise SystemExit(f"label: {e}") from None
     labelled, applied, unused = apply_overrides(labelled, overrides)

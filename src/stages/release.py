@@ -6,10 +6,10 @@ Inputs:  QUANTIZE_Q8/text-q8_0.gguf, the mmproj in CONVERT_GGUF, SPLIT/*.jsonl (
 Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
            model.gguf       the Q8_0 text GGUF          mmproj.gguf    the vision projector
            contract.json    src/contract.py Contract    grammar.gbnf   exactly the labels (src/grammar.py)
-           model_card.json  metrics, base model, data counts, params, runtime, git and DVC hashes
+           model_card.json  metrics, base model, data counts, params, runtime versions, DVC hashes
            model_card.md    the same for people
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
-Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, finetune.base.* and the
+Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, base.source/hub_id/revision/local_dir/smollm2.seed and the
          training params the card reports, quantize_q8.ftype, release.grid.*, release.min_accuracy,
          release.min_class_accuracy
 
@@ -21,10 +21,12 @@ Command: python -m src.stages.release models/quantize_q8 models/convert_gguf dat
              metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
              metrics/release
 
-Reproducibility: everything in the bundle is a function of the stage's deps and params, except
-the git commit in the card, which records what the bundle was built from. DVC does not rerun a
-stage whose deps are unchanged, so a new commit alone leaves `dvc status` clean. The DVC hashes
-are those `dvc.lock` records for this stage's deps (the upstream stages' outs).
+Reproducibility: everything in the bundle is a function of the stage's deps and params, so the
+same inputs give the same bytes on any machine. The card's provenance is what the bundle was
+built from: the DVC md5 of each dep (as `dvc.lock` records the upstream stages' outs), the
+params, and the runtime versions (runtime.yaml, checked against what is installed). It holds no
+git commit: the bundle is written before the commit that records it exists, so the commit is
+named by the release's git tag (GTO), which points at the commit holding this dvc.lock.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import yaml
 from PIL import Image
 
 from src import plots
+from src.bases import describe
 from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
 from src.gates import QUALITY_ADVICE, gates, quality_gates
@@ -50,7 +52,6 @@ from src.grammar import gbnf
 from src.params import stage_params
 from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
-CODE = ("src", "params.yaml", "dvc.yaml")  # what "dirty" is about: the code and config the bundle came from
 
 
 def file_hashes(path: Path) -> dict[str, Any]:
@@ -92,18 +93,6 @@ def grid_rows(rows: list[dict[str, str]], labels: tuple[str, ...], n: int) -> li
     return picked
 
 
-def git_state(root: Path) -> dict[str, Any]:
-    """HEAD's commit and whether the code and config differ from it (untracked files count)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "uncommitted", "dirty": True}
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=all", "--", *CODE))}
-
-
 def dvc_hashes(lock: Path, deps: list[Path]) -> dict[str, str]:
     """The md5 `dvc.lock` records for each dep that an upstream stage outputs ("unknown" outside `dvc repro`)."""
     recorded: dict[str, str] = {}
@@ -140,22 +129,13 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
         llm.close()
 
 
-def base_model(base: dict[str, Any]) -> str:
-    if base["source"] == "hub":
-        return f"{base['hub_id']} at revision {base['revision']}"
-    if base["source"] == "local":
-        return f"local directory {base['local_dir']}"
-    return f"built in-process (finetune.base.builder, random init): a SmolVLM-shaped demo model, not {base['hub_id']}"
-
-
 def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], finetune: dict[str, Any],
-               per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], git: dict[str, Any],
-               dvc: dict[str, str]) -> dict[str, Any]:
-    base = p["finetune"]["base"]
+               per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], dvc: dict[str, str]) -> dict[str, Any]:
+    base = p["base"]
     return {
         "name": "SmolVLM five-element classifier",
         "labels": list(contract.labels),
-        "base_model": {**base, "description": base_model(base)},
+        "base_model": {**base, "description": describe(base)},
         "runtime": {"engine": "llama.cpp mtmd", "text": f"{BUNDLE['model']} ({p['quantize_q8']['ftype']})",
                     "mmproj": BUNDLE["mmproj"], "n_ctx": p["eval_parity"]["n_ctx"],
                     "decoding": "greedy as contract.generation, constrained by grammar.gbnf"},
@@ -165,14 +145,14 @@ def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], fi
         "data": counts,
         "params": p,
         "files": files,
-        "provenance": {"git": git, "dvc_deps_md5": dvc},
+        "provenance": {"dvc_deps_md5": dvc, "runtime": p["runtime"],
+                       "commit": "the git tag of this release (GTO) names the commit that holds this dvc.lock"},
     }
 
 
 def card_markdown(card: dict[str, Any]) -> str:
     m, d = card["metrics"]["test_q8_0"], card["data"]
     labels = card["labels"]
-    git = card["provenance"]["git"]
     lines = [
         f"# {card['name']}", "",
         f"Labels: {', '.join(labels)}. Base model: {card['base_model']['description']}.",
@@ -189,8 +169,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         "## Files", "", "| file | bytes | sha256 |", "|---|---|---|",
         *[f"| {k} | {v['bytes']} | `{v['sha256']}` |" for k, v in card["files"].items()], "",
         "## Provenance", "",
-        f"git {git['commit']}{' (dirty: code or config differ from it)' if git['dirty'] else ''}", "",
+        f"Built from these DVC outputs ({card['provenance']['commit']}):", "",
         *[f"- `{k}` md5 `{v}`" for k, v in card["provenance"]["dvc_deps_md5"].items()], "",
+        "Runtime: " + ", ".join(f"{k} {v}" for k, v in card["provenance"]["runtime"].items()), "",
         "## Params", "", "```json", json.dumps(card["params"], indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
@@ -231,12 +212,12 @@ def main() -> None:
         invalid = sum(x == plots.INVALID for x in pred)
         ft = p["finetune"]
         raise SystemExit(
-            f"release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
-            f"released\n  " + "\n  ".join(fails) + "\n"
+            "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
+            "released\n  " + "\n  ".join(fails) + "\n"
             f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
             f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
             f"  Try: {QUALITY_ADVICE}; now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
-            f"finetune.base.source {ft['base']['source']}")
+            f"base.source {p['base']['source']}")
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
     copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
@@ -248,12 +229,12 @@ def main() -> None:
     deps = [args.quantize_q8, args.convert_gguf, args.split, args.resize256, args.parity, args.images,
             args.finetune_metrics]
     card = model_card(contract, p, parity, json.loads(args.finetune_metrics.read_text()), per_class,
-                      data_counts(args.split, contract.labels), files, git_state(Path.cwd()),
+                      data_counts(args.split, contract.labels), files,
                       dvc_hashes(Path("dvc.lock"), deps))
     write_json(args.out / BUNDLE["card"], card)
     write_text_atomic(args.out / BUNDLE["card_md"], card_markdown(card))
     print(f"release: {', '.join(BUNDLE.values())} -> {args.out}; {', '.join(PLOTS.values())} -> {args.plots} "
-          f"(Q8_0 test accuracy {card['metrics']['test_q8_0']['accuracy']}, git {card['provenance']['git']['commit'][:12]})")
+          f"(Q8_0 test accuracy {card['metrics']['test_q8_0']['accuracy']})")
 
 
 if __name__ == "__main__":

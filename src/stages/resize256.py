@@ -13,8 +13,12 @@ every byte is a function of the input bytes and the contract. A bad file (not an
 truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
 input) becomes a rejected record with a fixed `cause` (one of CAUSES) and a `reason`
 that says what exactly; it never stops the stage. `name` is the photo as the user
-knows it (download's name: a relative path, a URL), carried on for every later message. Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a
-killed run, rerun, renders only what the journal lacks. The journal and any file no
+knows it (download's name: a relative path, a URL), carried on for every later message.
+Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a killed
+run, rerun, renders only what the journal lacks. The output persists between runs
+(dvc.yaml `persist`): under the same canvas contract (summary.json `spec`), a photo
+rendered by the last run is not rendered again, so adding photos costs only them. The
+journal and any file no
 record names are removed at the end: a resumed run leaves the same bytes as an
 uninterrupted one.
 """
@@ -42,6 +46,8 @@ JOURNAL = "journal.jsonl"
 RESULT_KEYS = ("status", "cause", "reason", "canvas", "canvas_sha256")
 # What summary.json counts rejections by: the canvas's causes and the stage's own.
 CAUSES = (*CANVAS_CAUSES, "missing input", "corrupt input", "duplicate", "unexpected error")
+# a duplicate's record speaks of another row, a missing or corrupt input of the store: not of the content
+NOT_REUSED = ("duplicate", "missing input", "corrupt input")
 
 
 def spec_key(spec: CanvasSpec) -> str:
@@ -76,9 +82,13 @@ def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
 
 
 def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
-    """Results journaled by an earlier run under the same contract whose canvas is still there."""
+    """Results of earlier runs under the same contract whose canvas is still there: the last finished
+    run's records (the output persists, so adding photos renders only them) and a killed run's journal."""
+    summary = out / "summary.json"
+    finished = read_jsonl(out / "records.jsonl") if summary.exists() and json.loads(summary.read_text()).get("spec") == key else []
     done = {}
-    for r in read_jsonl(out / JOURNAL):
+    finished = [{**r, "spec": key} for r in finished if r.get("cause") not in NOT_REUSED]
+    for r in [*finished, *read_jsonl(out / JOURNAL)]:
         if r.get("spec") == key and "cause" in r and (r["canvas"] is None or (out / r["canvas"]).exists()):
             done[r["sha256"]] = {k: r[k] for k in RESULT_KEYS}
     return done
@@ -117,7 +127,7 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
     write_jsonl(out / "records.jsonl", records)
     prune_store(out, "canvases", {r["canvas"] for r in records if r["canvas"]}, JOURNAL)
     rejected = [r for r in records if r["status"] != "ok"]
-    summary = {"inputs": len(rows), "written": len(records) - len(rejected), "rejected": len(rejected),
+    summary = {"spec": key, "inputs": len(rows), "written": len(records) - len(rejected), "rejected": len(rejected),
                "canvases": len({r["canvas"] for r in records if r["canvas"]}),
                "rejected_by": dict(sorted(Counter(r["cause"] for r in rejected).items()))}
     if summary["inputs"] != summary["written"] + summary["rejected"]:

@@ -33,18 +33,32 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def split(rows: list[dict[str, Any]], seed: int, val: float, test: float) -> dict[str, list[dict[str, Any]]]:
-    """Per element, order canvases by a seeded hash and cut test, val, then train."""
-    by_element: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def group_element(rows: list[dict[str, Any]]) -> str:
+    """The stratum of a group of identical canvases: its most common label (ties: the first in sort order).
+
+    Identical canvases can carry different labels (a teacher or a source disagreeing with itself);
+    they still form one group, so they land in one part whatever their labels.
+    """
+    counts: dict[str, int] = defaultdict(int)
     for r in rows:
-        by_element[r["element"]].append(r)
+        counts[r["element"]] += 1
+    return min(counts, key=lambda e: (-counts[e], e))
+
+
+def split(rows: list[dict[str, Any]], seed: int, val: float, test: float) -> dict[str, list[dict[str, Any]]]:
+    """Group rows by canvas sha256; per stratum, order groups by a seeded hash and cut test, val, then train."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["canvas_sha256"]].append(r)
+    by_element: dict[str, list[str]] = defaultdict(list)
+    for sha, members in groups.items():
+        by_element[group_element(members)].append(sha)
     parts: dict[str, list[dict[str, Any]]] = {k: [] for k in PARTS}
     for element in sorted(by_element):
-        shas = sorted({r["canvas_sha256"] for r in by_element[element]}, key=lambda s: _rank(seed, s))
+        shas = sorted(by_element[element], key=lambda s: _rank(seed, s))
         n_test, n_val = round(len(shas) * test), round(len(shas) * val)
-        part_of = {s: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, s in enumerate(shas)}
-        for r in by_element[element]:
-            parts[part_of[r["canvas_sha256"]]].append(r)
+        for i, sha in enumerate(shas):
+            parts["test" if i < n_test else "val" if i < n_test + n_val else "train"] += groups[sha]
     for k in PARTS:
         parts[k].sort(key=lambda r: r["id"])
     return parts
