@@ -56,20 +56,20 @@ def imports(path: Path, root: Path) -> set[Path]:
 
 
 def closure(start: Path, root: Path) -> set[Path]:
-    """`start` and every `src` file reachable from it by imports."""
+    """`start` and every `src` file reachable from it by imports, not counting NOT_DEPS nor what only they import."""
     seen, todo = {start}, [start]
     while todo:
         for f in imports(todo.pop(), root) - seen:
-            seen.add(f)
-            todo.append(f)
+            if f.relative_to(root).as_posix() not in NOT_DEPS:
+                seen.add(f)
+                todo.append(f)
     return seen
 
 
 def code_deps(stage: str, root: Path = ROOT) -> list[str]:
     """The sorted repo-relative code files stage `stage` runs."""
     start = root / STAGES / f"{stage}.py"
-    return sorted(p.relative_to(root).as_posix() for p in closure(start, root)
-                  if p.relative_to(root).as_posix() not in NOT_DEPS)
+    return sorted(p.relative_to(root).as_posix() for p in closure(start, root))
 
 
 def is_code(dep: str) -> bool:

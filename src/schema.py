@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from src.contract import Alpha, Exif, Resample
+
 Rate = Annotated[float, Field(ge=0, le=1)]
 Pos = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[int, Field(ge=0)]
@@ -53,9 +55,9 @@ class Section(BaseModel):
 
 class Canvas(Section):
     size: Annotated[int, Field(ge=16, le=4096)]
-    resample: Literal["bilinear", "lanczos", "skia_bilinear"]
-    alpha: Literal["composite_black", "drop"]
-    exif: Literal["ignore", "apply"]
+    resample: Resample  # the contract's own types: one list of allowed values
+    alpha: Alpha
+    exif: Exif
     max_pixels: Pos
 
 
