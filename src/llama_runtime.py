@@ -149,6 +149,15 @@ class LlamaVLM:
         self._prefill(prompt, canvas)
         return self._logits()
 
+    def eog_ids(self) -> list[int]:
+        """Every token this vocabulary ends generation at (`llama_vocab_is_eog`), not only the GGUF's EOS.
+
+        llama.cpp marks SmolLM2's `<|im_end|>` and `<|endoftext|>` as end-of-generation besides the
+        contract's `<end_of_utterance>`: the app stops at any of them, so the reference must too.
+        """
+        vocab = self.llm._model.vocab
+        return [t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
     def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec, grammar: str | None = None,
                  stop_at_eos: bool = True) -> Answer:
         """Decode as the app does. Only greedy is implemented, so the contract must say greedy.

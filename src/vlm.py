@@ -269,15 +269,20 @@ def first_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tor
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, processor: Idefics3Processor, inputs: dict[str, torch.Tensor],
-             gen: GenerationSpec) -> tuple[str, list[int], bool]:
-    """Decoding as the contract says; returns (text, new token ids, stopped at EOS)."""
+             gen: GenerationSpec, stop_ids: list[int] | None = None) -> tuple[str, list[int], bool]:
+    """Decoding as the contract says; returns (text, new token ids, stopped at a stop token).
+
+    `stop_ids`: the tokens that end generation, by default the generation config's EOS. eval_parity
+    passes llama.cpp's end-of-generation set (`LlamaVLM.eog_ids`), the tokens the app stops at.
+    """
     if not gen.greedy:
         raise ValueError(f"only greedy decoding is reproducible for parity; contract.generation={gen}")
+    stop = stop_ids or [model.generation_config.eos_token_id]
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=gen.max_new_tokens,
-                         repetition_penalty=gen.repeat_penalty, pad_token_id=processor.tokenizer.pad_token_id)
+                         repetition_penalty=gen.repeat_penalty, pad_token_id=processor.tokenizer.pad_token_id,
+                         eos_token_id=stop)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    eos = model.generation_config.eos_token_id
-    stopped = bool(new) and new[-1] == eos
+    stopped = bool(new) and new[-1] in stop
     if stopped:
         new = new[:-1]
     return processor.tokenizer.decode(new, skip_special_tokens=False), new, stopped

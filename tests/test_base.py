@@ -150,9 +150,10 @@ def test_real_size_local_directory_runs_end_to_end(tmp_path: Path) -> None:
     model.save_pretrained(hub, safe_serialization=True)
     processor.save_pretrained(hub)
     del model
-    assert json.loads((hub / "config.json").read_text())["vision_config"]["image_size"] == 512
+    assert json.loads((hub / "config.json").read_text())["vision_config"]["image_size"] == STOCK_TILE
     repo = make_repo(tmp_path / "repo", {**REAL_SIZE, "base.source": "local", "base.local_dir": str(hub),
-                                         "download.demo.n": 30, "split.val": 0.2, "split.test": 0.2,
+                                         "download.demo.n": 30, "split.val": 0.2, "split.test": 0.2, "split.min_per_class": 1,
+                                         "release.min_accuracy": 0.0, "release.min_class_accuracy": 0.0,
                                          "finetune.epochs": 2})
     run(["dvc", "repro"], repo)
     info = json.loads((repo / "models/base/base.json").read_text())

@@ -89,3 +89,16 @@ def test_cached_features_give_the_same_loss(tiny: tuple[Any, Any]) -> None:
         hidden = vlm.vision_hidden(model, b["pixel_values"], b["pixel_attention_mask"])
         cached = vlm.forward_from_hidden(model, hidden, **text).loss
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_stops_at_any_of_the_stop_tokens_it_is_given(tiny: tuple[Any, Any]) -> None:
+    """eval_parity hands transformers llama.cpp's end-of-generation set: a stop token that is not the
+    EOS must end the answer there, as it does on the phone."""
+    model, processor = tiny
+    inputs = vlm.prompt_inputs(processor, C.prompt, C.labels, Image.new("RGB", (C.canvas.size, C.canvas.size), 7))
+    text, ids, stopped = vlm.generate(model, processor, inputs, C.generation)
+    assert ids, "the tiny model must say something for this test to mean anything"
+    eos = model.generation_config.eos_token_id
+    assert ids[0] != eos
+    text2, ids2, stopped2 = vlm.generate(model, processor, inputs, C.generation, stop_ids=[eos, ids[0]])
+    assert (text2, ids2, stopped2) == ("", [], True)

@@ -96,6 +96,10 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
         eos = {"contract": contract.target.eos, "hf": tok.convert_ids_to_tokens(model.generation_config.eos_token_id),
                "gguf": vq8.llm.detokenize([vq8.llm.token_eos()], special=True).decode()}
         eos["ok"] = eos["contract"] == eos["hf"] == eos["gguf"]
+        # The app stops at any end-of-generation token of the GGUF's vocabulary (with SmolLM2's real
+        # weights an undertrained model ends " fire" with <|im_end|>): transformers stops at the same set.
+        stop_ids = vq8.eog_ids()
+        eos["stops_at"] = tok.convert_ids_to_tokens(stop_ids)
         for r in tqdm(rows, desc="eval_parity"):
             row = Row(r["id"], r.get("name") or r["id"], r["canvas"], r["element"])
             stored = (canvases / r["canvas"]).read_bytes()
@@ -116,7 +120,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             if expand(layout, image_token_id) != hf_ids:
                 offenders["layout"].append(row.name)
             hf_logits = vlm.first_logits(model, inputs).numpy()
-            text, _, stopped = vlm.generate(model, processor, inputs, gen)
+            text, _, stopped = vlm.generate(model, processor, inputs, gen, stop_ids=stop_ids)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
             row.probs["hf"] = label_probs(hf_logits, label_ids).tolist()
             for side, v in (("f16", vf16), ("q8_0", vq8)):
