@@ -14,7 +14,7 @@ import yaml
 from src.params import declared as declared_params
 from src.params import declared_keys, select, stage_params
 from src.schema import ParamsError, validate
-from tests.conftest import ROOT, copy_project
+from tests.conftest import ROOT, copy_project, set_param
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -87,11 +87,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 def with_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     params = copy.deepcopy(PARAMS)
     for k, v in overrides.items():
-        *parents, leaf = k.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = v
+        set_param(params, k, v)
     return params
 
 
