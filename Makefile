@@ -13,6 +13,9 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 CPU_ID := $(shell grep -m1 'model name' /proc/cpuinfo | md5sum | cut -c1-8)
 WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
+# pytest-xdist workers; the tests that share the tiny pipeline stay on one (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup repro test test-quick bench clean-venv sshd
 
@@ -46,10 +49,10 @@ repro: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH dvc repro
 
 test: setup sshd
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST)
 
 test-quick: setup sshd
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST) -m "not slow"
 
 bench: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m bench.run

@@ -14,22 +14,20 @@ The base stage runs it once; finetune loads the result. The release's model card
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from src import geometry, vlm
 from src.contract import TargetSpec, VisionSpec
+from src.schema import commit_hint, is_commit
 
 SOURCES = ("builder", "smollm2", "hub", "local")
 
 
 def pinned_revision(hub_id: str, revision: str) -> str:
     """The revision if it is a 40-hex commit sha; a branch or tag would let the same params train on other weights."""
-    if not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
-        raise SystemExit(
-            f"base.revision={revision!r}: pin {hub_id} to a 40-hex commit sha, not a branch or tag. Find it with "
-            f"`hf models info {hub_id} --expand sha` or on https://huggingface.co/{hub_id}/commits/main "
-            "(copy the full commit id)")
+    if not is_commit(revision):
+        raise SystemExit(f"base.revision={revision!r}: pin {hub_id} to a commit, not a branch or tag; "
+                         f"expected {commit_hint(hub_id)}")
     return revision
 
 

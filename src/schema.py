@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from src.contract import Alpha, Exif, Resample
+from src.teacher.request import Detail, MaxTokensField, Mode, ResponseFormat
 
 Rate = Annotated[float, Field(ge=0, le=1)]
 Pos = Annotated[int, Field(gt=0)]
@@ -32,6 +33,18 @@ NonNegF = Annotated[float, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 SHA = re.compile(r"[0-9a-f]{40}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_commit(revision: str) -> bool:
+    """A hub revision that cannot move: a full commit sha (a branch or tag would let the same params
+    train on other weights)."""
+    return SHA.fullmatch(revision or "") is not None
+
+
+def commit_hint(hub_id: str) -> str:
+    """How to find the commit sha to pin a hub model to."""
+    return (f"a 40-hex commit sha: `hf models info {hub_id} --expand sha`, or "
+            f"https://huggingface.co/{hub_id}/commits/main (copy the full commit id)")
 
 
 class ParamsError(Exception):
@@ -171,7 +184,7 @@ class Download(Section):
                 raise rule("folder.path", self.folder.path, "no such folder" if self.folder.path else "empty",
                            "the folder of photos (one subfolder per class with class_subfolders: true)")
         elif self.source == "hf":
-            if self.hf.hub_id and not SHA.fullmatch(self.hf.revision):
+            if self.hf.hub_id and not is_commit(self.hf.revision):
                 raise rule("hf.revision", self.hf.revision, "a hub dataset must be pinned (a branch moves)",
                            "the dataset's 40-hex commit sha (its page's 'History' tab)")
             if not self.hf.hub_id and not Path(self.hf.local_dir).is_dir():
@@ -190,13 +203,13 @@ class Teacher(Section):
     base_url: Annotated[str, Field(pattern=r"^https?://\S+$")]
     model: Text
     api_key_env: Text
-    detail: Literal["low", "high", "auto"]
+    detail: Detail
     max_tokens: Pos
-    max_tokens_field: Literal["max_completion_tokens", "max_tokens"]
-    response_format: Literal["json_schema", "json_object"]
+    max_tokens_field: MaxTokensField
+    response_format: ResponseFormat
     temperature: NonNegF | None
     timeout_s: PosF
-    mode: Literal["online", "batch"]
+    mode: Mode
     prompt: Text
 
     @model_validator(mode="after")
@@ -287,10 +300,9 @@ class Base(Section):
 
     @model_validator(mode="after")
     def pinned_or_there(self) -> Base:
-        if self.source == "hub" and not SHA.fullmatch(self.revision):
+        if self.source == "hub" and not is_commit(self.revision):
             raise rule("revision", self.revision, "a hub model must be pinned to a commit (a branch moves)",
-                       f"a 40-hex commit sha: `hf models info {self.hub_id or '<hub_id>'} --expand sha`, or the "
-                       "model page's 'Files and versions' > 'History', copy the full sha")
+                       commit_hint(self.hub_id or "<hub_id>"))
         if self.source == "local" and not (Path(self.local_dir) / "config.json").is_file():
             raise rule("local_dir", self.local_dir, "no config.json there",
                        "a model folder in the hub's layout (save_pretrained)")

@@ -104,6 +104,14 @@ def make_repo(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | N
     return dest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers), the tests that share the session's tiny pipeline
+    run on one worker, so it is reproduced once, not once per worker."""
+    for item in items:
+        if "tiny_repo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_repo"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> tuple[Any, Any]:
     """(model, processor): TINY_MODEL built once per session for the contract's vision and target.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,3 +91,26 @@ def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, cap
     assert capsys.readouterr().err.strip() == (
         "runtime.yaml: transformers = '9.9.9': installed is 5.23.0; expected the pinned version "
         "(run `make setup`, which installs runtime.yaml's pins)")
+
+
+def readme_commands(text: str) -> list[str]:
+    """The README's shell lines, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+
+
+def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
+    """A stage run by hand from the README takes the arguments dvc.yaml gives it, and dvc only runs stages
+    with the venv active (it runs the first `python` on PATH)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = dvc["vars"][0]["paths"]
+    expected = {name: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], " ".join(s["cmd"].split()))
+                for name, s in dvc["stages"].items()}
+    commands = readme_commands((ROOT / "README.md").read_text())
+    by_hand = [c for c in commands if " -m src.stages." in c]
+    assert by_hand, "the README runs no stage by hand: nothing checked"
+    for c in by_hand:
+        stage = re.search(r"-m src\.stages\.(\w+)", c).group(1)
+        assert c[c.index("-m src.stages."):] == expected[stage].split("python ", 1)[1], c
+    runs_stages = [c for c in commands if re.search(r"\bdvc (repro|exp run)\b", c)]
+    assert runs_stages and not [c for c in runs_stages if ".venv/bin/dvc" in c]

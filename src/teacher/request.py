@@ -24,11 +24,16 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 SCHEMA_NAME = "element_label"
-RESPONSE_FORMATS = ("json_schema", "json_object")
-MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+# The teacher's enums, stated once: TeacherConfig's fields and the params schema (src/schema.py) use these.
+Mode = Literal["online", "batch"]
+Detail = Literal["low", "high", "auto"]
+ResponseFormat = Literal["json_schema", "json_object"]
+MaxTokensField = Literal["max_completion_tokens", "max_tokens"]
+RESPONSE_FORMATS: tuple[str, ...] = get_args(ResponseFormat)
+MAX_TOKENS_FIELDS: tuple[str, ...] = get_args(MaxTokensField)
 # Request fields whose form or value a param chooses: a refusal of one of them is a config error.
 PARAM_OF_FIELD = {"response_format": "label.teacher.response_format",
                   "max_completion_tokens": "label.teacher.max_tokens_field",
@@ -47,13 +52,13 @@ class TeacherConfig:
     model: str
     api_key_env: str
     prompt: str
-    detail: Literal["low", "high", "auto"]
+    detail: Detail
     max_tokens: int
-    max_tokens_field: Literal["max_completion_tokens", "max_tokens"]
-    response_format: Literal["json_schema", "json_object"]
+    max_tokens_field: MaxTokensField
+    response_format: ResponseFormat
     temperature: float | None
     timeout_s: float
-    mode: Literal["online", "batch"]
+    mode: Mode
     concurrency: int
     max_attempts: int      # HTTP attempts per answer: 429, 5xx, timeouts, connection errors
     answer_attempts: int   # answers per canvas: malformed or off-enum answers are asked again
@@ -67,8 +72,7 @@ class TeacherConfig:
     @classmethod
     def from_params(cls, label: dict[str, Any]) -> TeacherConfig:
         t, b, pr = label["teacher"], label["batch"], label["price"]
-        for name, value, allowed in (("mode", t["mode"], ("online", "batch")),
-                                     ("detail", t["detail"], ("low", "high", "auto")),
+        for name, value, allowed in (("mode", t["mode"], get_args(Mode)), ("detail", t["detail"], get_args(Detail)),
                                      ("response_format", t["response_format"], RESPONSE_FORMATS),
                                      ("max_tokens_field", t["max_tokens_field"], MAX_TOKENS_FIELDS)):
             if value not in allowed:
