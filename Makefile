@@ -13,9 +13,11 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 CPU_ID := $(shell grep -m1 'model name' /proc/cpuinfo | md5sum | cut -c1-8)
 WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
-# pytest-xdist workers; the tests that share the tiny pipeline stay on one (tests/conftest.py).
+# test-quick runs on pytest-xdist workers (its tests wait on servers, timeouts and subprocesses more than
+# they compute). `make test` stays serial: its slow tests train and convert with torch and llama.cpp, and two
+# of those on two cores slow each other down (measured: 22.5 min on 2 workers against 18.7 serial).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q
 
 .PHONY: setup repro test test-quick bench clean-venv sshd
 
@@ -52,7 +54,7 @@ test: setup sshd
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST)
 
 test-quick: setup sshd
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST) -m "not slow"
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m bench.run

@@ -105,8 +105,8 @@ def make_repo(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | N
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs two workers), the tests that share the session's tiny pipeline
-    run on one worker, so it is reproduced once, not once per worker."""
+    """Under pytest-xdist (`make test-quick` runs two workers; `pytest -n 2` for the whole suite), the tests
+    that share the session's tiny pipeline run on one worker, so it is reproduced once, not once per worker."""
     for item in items:
         if "tiny_repo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("tiny_repo"))
