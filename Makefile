@@ -15,7 +15,7 @@ WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
 # test-quick runs on pytest-xdist workers (its tests wait on servers, timeouts and subprocesses more than
 # they compute). `make test` stays serial: its slow tests train and convert with torch and llama.cpp, and two
-# of those on two cores slow each other down (measured: 22.5 min on 2 workers against 18.7 serial).
+# of those on two cores slow each other down (measured on this 2-core machine: 22.5 min on 2 workers, 20.6 serial).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
