@@ -48,16 +48,16 @@ sshd:
 	  echo "openssh-server not installed (needs root and apt): the SSH remote tests will skip"
 
 repro: setup
-	PATH=$(CURDIR)/.venv/bin:$$PATH dvc repro
+	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 test: setup sshd
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PYTEST)
 
 test-quick: setup sshd
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: setup
-	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m bench.run
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m bench.run
 
 clean-venv:
 	rm -rf .venv
