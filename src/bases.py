@@ -14,13 +14,13 @@ The base stage runs it once; finetune loads the result. The release's model card
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from src import geometry, vlm
 from src.contract import TargetSpec, VisionSpec
-from src.schema import commit_hint, is_commit
+from src.schema import BaseSource, commit_hint, is_commit
 
-SOURCES = ("builder", "smollm2", "hub", "local")
+SOURCES: tuple[str, ...] = get_args(BaseSource)
 
 
 def pinned_revision(hub_id: str, revision: str) -> str:

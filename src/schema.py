@@ -33,6 +33,8 @@ NonNegF = Annotated[float, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 SHA = re.compile(r"[0-9a-f]{40}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# base.source's values: src/bases.py builds each one
+BaseSource = Literal["builder", "smollm2", "hub", "local"]
 
 
 def is_commit(revision: str) -> bool:
@@ -291,7 +293,7 @@ class Smollm2(Section):
 
 
 class Base(Section):
-    source: Literal["builder", "smollm2", "hub", "local"]
+    source: BaseSource
     hub_id: str
     revision: str
     local_dir: str

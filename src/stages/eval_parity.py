@@ -108,7 +108,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                 _, android, diff, p, same = canvas_rung(photos[r["id"]], stored, contract)
                 canvas_diffs.append(diff)
                 if diff > 0:
-                    offenders["canvas"].append(r["id"])
+                    offenders["canvas"].append(row.name)
                 canvas_psnrs.append(p)
                 stored_same.append(same)
                 a_ans = vq8.generate(prompt, android, gen)
