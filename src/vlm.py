@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
+import transformers
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -43,6 +48,8 @@ IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 ]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Per user, like the DVC remote and the llama-cpp-python wheel: every clone on this machine shares it.
+TOKENIZER_MEMO = Path.home() / ".cache" / "smolvlm-elements" / "tokenizers"
 # SmolVLM-256M-Instruct's architecture: SigLIP-base/16 at 512 px tiles, pixel shuffle 4, SmolLM2-135M text model.
 SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            patch_size=16, image_size=512)
@@ -76,19 +83,45 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
+def tokenizer_memo_key(gguf: Path) -> str:
+    """The memo folder's name: the GGUF's bytes, the versions of the code that converts them, the tokens we add."""
+    with gguf.open("rb") as f:
+        content = hashlib.file_digest(f, "sha256").hexdigest()
+    code = json.dumps([transformers.__version__, tokenizers.__version__, IMAGE_TOKENS])
+    return hashlib.sha256(f"{content}\n{code}".encode()).hexdigest()[:16]
+
+
+def load_smollm2_tokenizer(memo: Path) -> Any:
+    """SmolLM2's tokenizer from the GGUF (plus SmolVLM's image tokens), through a memo of its saved form.
+
+    transformers reads the GGUF's 49k-token vocabulary with gguf-py's reader in about 7 s a process;
+    the saved form loads in under 1 s. The memo is keyed by tokenizer_memo_key, so another GGUF or
+    another transformers or tokenizers version misses. Every caller gets the saved form, whether this
+    process built it or found it: the files it saves are the same either way (test_vlm).
+    """
+    gguf = smollm2_gguf()
+    saved = memo / tokenizer_memo_key(gguf)
+    if not saved.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
+        tmp = memo / f".{saved.name}.{os.getpid()}.tmp"
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(saved)  # atomic: another process sees the whole folder or none of it
+        except OSError:  # another process got there first: theirs is the same
+            shutil.rmtree(tmp)
+    return AutoTokenizer.from_pretrained(saved)
+
+
 @functools.cache
 def _smollm2_tokenizer() -> Any:
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
-    return tok
+    return load_smollm2_tokenizer(TOKENIZER_MEMO)
 
 
 def smollm2_tokenizer() -> Any:
     """SmolLM2's real tokenizer, built by transformers from that GGUF (no hub).
 
-    Reading the GGUF takes seconds, so it is read once per process; each caller gets its own copy
-    (configure() sets the EOS on it).
+    Loaded once per process; each caller gets its own copy (configure() sets the EOS on it).
     """
     return copy.deepcopy(_smollm2_tokenizer())
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from src import demo
 from src.records import read_jsonl, sha256, write_jsonl
-from src.stages import label, release, resize256
+from src.stages import label, release, resize256, split
 from src.stages.eval_parity import Row, images_csv
 from src.contract import Contract
 from tests.conftest import ROOT
@@ -26,6 +24,8 @@ from tests.conftest import ROOT
 CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
 LABELS, SPEC = CONTRACT.labels, CONTRACT.canvas
 LABEL_PARAMS = {"contract": {"labels": list(LABELS)}, "label": {"provider": "manifest", "max_failure_rate": 0.0}}
+N = 3 * len(LABELS)  # three photos a class: with these shares, one in each part
+SPLIT_PARAMS = {"contract": {"labels": list(LABELS)}, "split": {"seed": 0, "val": 0.34, "test": 0.34, "min_per_class": 1}}
 
 
 def download_dir(tmp: Path, n: int, named: bool) -> Path:
@@ -47,12 +47,11 @@ def download_dir(tmp: Path, n: int, named: bool) -> Path:
 
 
 def through_split(tmp: Path, named: bool) -> tuple[dict[str, str], Path, Path]:
-    dl = download_dir(tmp, 50, named)
+    dl = download_dir(tmp, N, named)
     rs, lab, sp = tmp / "resize256", tmp / "label", tmp / "split"
     resize256.run(dl, rs, SPEC, 1)
     label.label_stage(rs, lab, tmp / "label.json", tmp / "cache", None, LABEL_PARAMS)
-    subprocess.run([sys.executable, "-m", "src.stages.split", str(lab), str(sp)], cwd=ROOT, check=True,
-                   capture_output=True)
+    split.split_stage(lab, sp, SPLIT_PARAMS)
     expected = {r["id"]: r.get("name", r["id"]) for r in read_jsonl(dl / "manifest.jsonl")}
     return expected, rs, sp
 
@@ -63,7 +62,7 @@ def test_name_travels_from_the_manifest_to_the_split_rows(tmp_path: Path) -> Non
     html = (tmp_path / "label" / "audit.html").read_text()
     assert "example.org/photos/0.jpg" in html and "IMG_0001.jpg" in html
     rows = [r for part in ("train", "val", "test") for r in read_jsonl(sp / f"{part}.jsonl")]
-    assert len(rows) == 50 and all(r["name"] == expected[r["id"]] for r in rows)
+    assert len(rows) == N and all(r["name"] == expected[r["id"]] for r in rows)
     assert any(r["name"].startswith("https://") for r in rows) and any(r["name"].endswith(".jpg") for r in rows)
 
 

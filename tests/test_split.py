@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from src.stages.split import PARTS, split
+import pytest
+
+from src.records import read_jsonl, write_jsonl
+from src.stages.split import PARTS, split, split_stage
 
 LABELS = ("water", "land", "fire", "wood", "metal")
 
@@ -53,3 +57,17 @@ def test_identical_canvases_share_a_part_even_when_labelled_differently() -> Non
         spread = {sha: where for sha, where in part_of(parts).items() if len(where) > 1}
         assert spread == {}, f"seed {seed}"
         assert sum(len(p) for p in parts.values()) == len(rows)
+
+
+def test_the_stage_refuses_a_short_class_and_writes_no_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lab, out = tmp_path / "label", tmp_path / "split"
+    rows = [{**row(i, LABELS[i % 5]), "status": "ok"} for i in range(15)]
+    rows += [{**row(100, "water"), "status": "failed"}]  # a failed label is not split
+    write_jsonl(lab / "labels.jsonl", rows)
+    p = {"contract": {"labels": list(LABELS)}, "split": {"seed": 0, "val": 0.34, "test": 0.34, "min_per_class": 1}}
+    assert split_stage(lab, out, p) == {"train": 5, "val": 5, "test": 5}
+    assert "split: train 5, val 5, test 5" in capsys.readouterr().out
+    assert {r["name"] for r in read_jsonl(out / "test.jsonl")} <= {r["id"] for r in rows}  # no name: the id stands in
+    with pytest.raises(SystemExit, match="split: too few photos per class: 15 class/part counts below split.min_per_class 2"):
+        split_stage(lab, tmp_path / "refused", {**p, "split": {**p["split"], "min_per_class": 2}})
+    assert not (tmp_path / "refused").exists()

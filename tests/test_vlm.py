@@ -102,3 +102,40 @@ def test_generation_stops_at_any_of_the_stop_tokens_it_is_given(tiny: tuple[Any,
     assert ids[0] != eos
     text2, ids2, stopped2 = vlm.generate(model, processor, inputs, C.generation, stop_ids=[eos, ids[0]])
     assert (text2, ids2, stopped2) == ("", [], True)
+
+
+def test_the_tokenizer_memo_is_named_by_the_gguf_bytes(tmp_path: Path) -> None:
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"GGUF one")
+    first = vlm.tokenizer_memo_key(gguf)
+    gguf.write_bytes(b"GGUF two")
+    assert vlm.tokenizer_memo_key(gguf) != first
+    gguf.write_bytes(b"GGUF one")
+    assert vlm.tokenizer_memo_key(gguf) == first
+
+
+@pytest.mark.slow
+def test_a_fresh_tokenizer_memo_reads_the_gguf_and_hands_out_the_same_tokenizer(tmp_path: Path) -> None:
+    """The memo is an optimisation only: what it hands out saves the same files and tokenizes the same
+    as the tokenizer transformers builds from the GGUF, whether this call built the memo or found it."""
+    from transformers import AutoTokenizer
+
+    gguf = vlm.smollm2_gguf()
+    direct = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    direct.add_tokens(vlm.IMAGE_TOKENS, special_tokens=True)
+    memo = tmp_path / "memo"
+    built = vlm.load_smollm2_tokenizer(memo)  # a miss: reads the GGUF
+    assert [p.name for p in memo.iterdir()] == [vlm.tokenizer_memo_key(gguf)]  # no temporary folder left
+    found = vlm.load_smollm2_tokenizer(memo)  # a hit
+    image = f"<fake_token_around_image><row_1_col_1>{vlm.HF_IMAGE_TOKEN * 4}<fake_token_around_image>"
+    text = C.prompt.render(image, C.labels) + C.target.text(C.labels[2]) + C.target.eos
+
+    def saved(tok: Any, name: str) -> dict[str, bytes]:
+        tok.save_pretrained(tmp_path / name)
+        return {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+
+    chat = [{"role": "user", "content": "hi"}]
+    for tok in (built, found):
+        assert saved(tok, "a") == saved(direct, "b")
+        assert tok(text).input_ids == direct(text).input_ids
+        assert tok.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)

@@ -95,14 +95,10 @@ def sufficiency(c: dict[str, dict[str, int]], val: float, test: float, min_per_c
             f"split.val / split.test (the shares held out) or split.min_per_class in params.yaml.")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("label", type=Path)
-    ap.add_argument("out", type=Path)
-    args = ap.parse_args()
-    p = stage_params("split")
+def split_stage(label: Path, out: Path, p: dict[str, Any]) -> dict[str, int]:
+    """Split LABEL/labels.jsonl's ok rows into OUT/{train,val,test}.jsonl; refuse (SystemExit) too few per class."""
     s = p["split"]
-    rows = [r for r in read_jsonl(args.label / "labels.jsonl") if r["status"] == "ok"]
+    rows = [r for r in read_jsonl(label / "labels.jsonl") if r["status"] == "ok"]
     parts = split(rows, s["seed"], s["val"], s["test"])
     refusal = sufficiency(counts(parts, labels_of(p["contract"])), s["val"], s["test"], s["min_per_class"])
     if refusal:
@@ -110,9 +106,18 @@ def main() -> None:
     keep = ("id", "canvas", "canvas_sha256", "element")
     for name, part in parts.items():
         # `name`: the photo as the user knows it (file name, URL), for every later message, table and plot
-        write_jsonl(args.out / f"{name}.jsonl", ({**{k: r[k] for k in keep}, "name": r.get("name") or r["id"]}
-                                                 for r in part))
-    print("split: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f" -> {args.out}")
+        write_jsonl(out / f"{name}.jsonl", ({**{k: r[k] for k in keep}, "name": r.get("name") or r["id"]}
+                                            for r in part))
+    print("split: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f" -> {out}")
+    return {k: len(v) for k, v in parts.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("label", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    split_stage(args.label, args.out, stage_params("split"))
 
 
 if __name__ == "__main__":
