@@ -1,5 +1,8 @@
 # Two commands for a fresh machine: `make repro` and `make test`. Both set up .venv first.
 SHELL := /bin/bash
+# Some machines (this one) set PYTHONDONTWRITEBYTECODE: then every process recompiles src/ and pytest
+# re-rewrites every test module, about 1.5 s a process. Byte code goes to __pycache__/, which git ignores.
+unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 PIP := $(PY) -m pip
 # runtime.yaml pins what decides the model's bytes (DVC hashes it per stage); read it, never restate it.

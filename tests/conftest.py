@@ -3,6 +3,7 @@ repository whose pipeline runs in about a minute."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -116,6 +117,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tiny_repo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("tiny_repo"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session is over: spare the interpreter's last garbage collection over every object torch and
+    transformers made (about 2 s a process, and xdist waits for each worker to exit). Fixtures are torn down by now."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
