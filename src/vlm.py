@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,12 @@ def load_smollm2_tokenizer(memo: Path) -> Any:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok.add_tokens(IMAGE_TOKENS, special_tokens=True)
         tmp = memo / f".{saved.name}.{os.getpid()}.tmp"
-        tok.save_pretrained(tmp)
+        try:
+            tok.save_pretrained(tmp)
+        except OSError as e:  # an optimisation only: without it, every process reads the GGUF
+            print(f"vlm: cannot keep the tokenizer memo in {memo} ({e.strerror}); reading the GGUF each time",
+                  file=sys.stderr)
+            return tok
         try:
             tmp.rename(saved)  # atomic: another process sees the whole folder or none of it
         except OSError:  # another process got there first: theirs is the same

@@ -115,9 +115,11 @@ def test_the_tokenizer_memo_is_named_by_the_gguf_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_fresh_tokenizer_memo_reads_the_gguf_and_hands_out_the_same_tokenizer(tmp_path: Path) -> None:
+def test_a_fresh_tokenizer_memo_reads_the_gguf_and_hands_out_the_same_tokenizer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The memo is an optimisation only: what it hands out saves the same files and tokenizes the same
-    as the tokenizer transformers builds from the GGUF, whether this call built the memo or found it."""
+    as the tokenizer transformers builds from the GGUF, whether this call built the memo, found it, or
+    could not keep one."""
     from transformers import AutoTokenizer
 
     gguf = vlm.smollm2_gguf()
@@ -134,8 +136,12 @@ def test_a_fresh_tokenizer_memo_reads_the_gguf_and_hands_out_the_same_tokenizer(
         tok.save_pretrained(tmp_path / name)
         return {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
 
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a memo folder that cannot be made: the tokenizer still comes, from the GGUF
+    unkept = vlm.load_smollm2_tokenizer(blocked / "memo")
+    assert "vlm: cannot keep the tokenizer memo in" in capsys.readouterr().err
     chat = [{"role": "user", "content": "hi"}]
-    for tok in (built, found):
+    for tok in (built, found, unkept):
         assert saved(tok, "a") == saved(direct, "b")
         assert tok(text).input_ids == direct(text).input_ids
         assert tok.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)
