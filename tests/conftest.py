@@ -21,11 +21,11 @@ from tests.http_server import wait_for
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-# Under pytest-xdist (`make test-quick`) each worker already has a core: torch's default of a thread per
-# core would put twice as many threads as cores on the machine. Set before any test module imports torch;
-# the stages a test starts inherit it.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Under pytest-xdist (`make test-quick`) the workers share the cores: torch's default of a thread per core
+# in every worker would put more threads than cores on the machine. Set before any test module imports
+# torch; the stages a test starts inherit it.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 # Tiny but real: the demo's small model and stages, on half the photos. Fewer steps than this
 # leave the answers near ties, where Q8_0 rounding flips them (parity-notes: "random weights make near ties").
