@@ -97,8 +97,9 @@ def load_smollm2_tokenizer(memo: Path) -> Any:
 
     transformers reads the GGUF's 49k-token vocabulary with gguf-py's reader in about 7 s a process;
     the saved form loads in under 1 s. The memo is keyed by tokenizer_memo_key, so another GGUF or
-    another transformers or tokenizers version misses. Every caller gets the saved form, whether this
-    process built it or found it: the files it saves are the same either way (test_vlm).
+    another transformers or tokenizers version misses. A caller gets the saved form, whether this
+    process built it or found it; where no memo can be kept, the form built from the GGUF. The files
+    each one saves are the same (test_vlm).
     """
     gguf = smollm2_gguf()
     saved = memo / tokenizer_memo_key(gguf)
