@@ -11,10 +11,11 @@ TORCH := torch==$(call pin,torch)
 RUNTIME_PINS := $(TORCH) transformers==$(call pin,transformers) peft==$(call pin,peft) accelerate==$(call pin,accelerate)
 LLAMA_CPP := $(call pin,llama_cpp_python)
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
-# The wheel is built with -march=native: cache it per CPU model, outside the clone, so a
-# fresh clone on the same machine reuses it and another CPU never gets an illegal instruction.
-CPU_ID := $(shell grep -m1 'model name' /proc/cpuinfo | md5sum | cut -c1-8)
-WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(CPU_ID)
+# The wheel is built with runtime.yaml's fixed flags (no -march=native): cache it per version and flags,
+# outside the clone, so a fresh clone reuses it and a change of flags builds anew.
+LLAMA_CMAKE := $(call pin,llama_cpp_cmake)
+BUILD_ID := $(shell printf '%s' '$(LLAMA_CPP) $(LLAMA_CMAKE)' | md5sum | cut -c1-8)
+WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(BUILD_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
 # test-quick runs on pytest-xdist workers (its tests wait on servers, timeouts and subprocesses more than
 # they compute). `make test` stays serial: its slow tests train and convert with torch and llama.cpp, and two
@@ -37,8 +38,9 @@ $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtim
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
 	  (echo "building llama-cpp-python $(LLAMA_CPP) from its sdist (about 7 min on 2 cores)" && \
-	   $(PIP) wheel -q --no-deps $(SDIST) -w $(WHEELS))
+	   CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) wheel -q --no-deps $(SDIST) -w $(WHEELS))
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
+	printf '%s\n' '$(LLAMA_CMAKE)' > .venv/llama_cpp_cmake
 	$(PY) -m src.llama_build unpack $(SDIST)
 	touch $@
 
