@@ -71,18 +71,27 @@ def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, A
     return out
 
 
+# runtime.yaml's one key that is not a distribution: the llama.cpp build flags, which `make setup`
+# records in the venv beside the wheel it built with them.
+LLAMA_CPP_CMAKE = "llama_cpp_cmake"
+
+
+def installed(key: str) -> str:
+    """What is installed for a runtime.yaml key: a distribution's version, or the llama.cpp build flags."""
+    if key == LLAMA_CPP_CMAKE:
+        record = Path(sys.prefix) / LLAMA_CPP_CMAKE
+        return record.read_text().strip() if record.exists() else "not recorded"
+    try:
+        return metadata.version(key).split("+")[0]  # 2.13.0+cpu is a build of 2.13.0
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def runtime_mismatches(pins: dict[str, str]) -> list[str]:
-    """One line per pinned distribution whose installed version differs (or is missing)."""
-    out = []
-    for dist, want in pins.items():
-        try:
-            have = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            have = "not installed"
-        if have.split("+")[0] != str(want):  # 2.13.0+cpu is a build of 2.13.0
-            out.append(f"{RUNTIME}: {dist} = {want!r}: installed is {have}; expected the pinned version "
-                       f"(run `make setup`, which installs {RUNTIME}'s pins)")
-    return out
+    """One line per runtime.yaml pin whose installed counterpart differs (or is missing)."""
+    return [f"{RUNTIME}: {key} = {want!r}: installed is {have}; expected the pinned "
+            f"{'build' if key == LLAMA_CPP_CMAKE else 'version'} (run `make setup`, which installs {RUNTIME}'s pins)"
+            for key, want in pins.items() if (have := installed(key)) != str(want)]
 
 
 def fail(lines: list[str]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from src import vlm
 from src.bases import fitted
 from src.contract import TargetSpec, VisionSpec
+from src.native import at, supervise
 from src.params import stage_params
 from src.records import write_json
 
@@ -33,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     p = stage_params("base")
     c = p["contract"]
+    at("torch", f"building the {p['base']['source']} base")
     model, processor, info = fitted(p["base"], VisionSpec(**c["vision"]), TargetSpec(**c["target"]))
     # Written beside the output and renamed over it: a killed run never leaves a half-saved base.
     tmp = args.out.with_name(args.out.name + ".tmp")
@@ -46,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    supervise("base", main)

@@ -45,6 +45,7 @@ from src.artifacts import text_gguf, the_mmproj
 from src.answers import kl, label_probs, parse_answer
 from src.gates import RUNTIME, class_coverage_gate, gates
 from src.llama_runtime import LlamaVLM, expand
+from src.native import at, supervise
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_text_atomic
 
@@ -104,6 +105,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             row = Row(r["id"], r.get("name") or r["id"], r["canvas"], r["element"])
             stored = (canvases / r["canvas"]).read_bytes()
             canvas = Image.open(io.BytesIO(stored)).convert("RGB")
+            photo = f"photo {row.name!r}"
             if r["id"] in photos:
                 _, android, diff, p, same = canvas_rung(photos[r["id"]], stored, contract)
                 canvas_diffs.append(diff)
@@ -111,19 +113,23 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                     offenders["canvas"].append(row.name)
                 canvas_psnrs.append(p)
                 stored_same.append(same)
+                at(RUNTIME["q8_0"], f"{photo} (Android canvas)")
                 a_ans = vq8.generate(prompt, android, gen)
                 row.answers["q8_0_android"] = parse_answer(a_ans.text, a_ans.stopped, contract)
             inputs = vlm.prompt_inputs(processor, contract.prompt, contract.labels, canvas)
             hf_ids = inputs["input_ids"][0].tolist()
+            at(RUNTIME["f16"], f"{photo} (layout)")
             layout = vf16.layout(prompt, canvas)
             image_tokens.add(sum(c.n_tokens for c in layout if c.kind == "image"))
             if expand(layout, image_token_id) != hf_ids:
                 offenders["layout"].append(row.name)
+            at(RUNTIME["hf"], photo)
             hf_logits = vlm.first_logits(model, inputs).numpy()
             text, _, stopped = vlm.generate(model, processor, inputs, gen, stop_ids=stop_ids)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
             row.probs["hf"] = label_probs(hf_logits, label_ids).tolist()
             for side, v in (("f16", vf16), ("q8_0", vq8)):
+                at(RUNTIME[side], photo)
                 ans = v.generate(prompt, canvas, gen)
                 row.raw[side], row.answers[side] = ans.text, parse_answer(ans.text, ans.stopped, contract)
                 row.probs[side] = label_probs(ans.first_logits, label_ids).tolist()
@@ -219,4 +225,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    supervise("eval_parity", main)

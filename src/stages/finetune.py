@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from src import vlm
 from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
+from src.native import at, supervise
 from src.params import stage_params
 from src.records import read_jsonl, sha256_file, write_json
 from src.training import Example, NullLive, Procs, evaluate, fingerprint, load_checkpoint, \
@@ -107,6 +108,7 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
     for epoch in range(run.state["epoch"] + 1, ft["epochs"] + 1):
         torch.manual_seed(ft["seed"] + epoch)  # per-epoch seed: a resumed epoch shuffles as the original
         order = torch.randperm(len(run.train)).tolist()
+        at("torch", f"epoch {epoch}")
         t0 = time.perf_counter()
         train_loss = train_epoch(run.net, run.opt, run.params, run.train, order, ft["batch_size"], pad_id, run.cached,
                                  procs, f"epoch {epoch}/{ft['epochs']}")
@@ -164,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    supervise("finetune", main)

@@ -15,6 +15,7 @@ import llama_cpp
 
 from src.artifacts import text_gguf
 from src.llama_runtime import silence
+from src.native import at, supervise
 from src.params import stage_params
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
@@ -28,6 +29,7 @@ def quantize(src: Path, dst: Path, ftype: str) -> None:
     params.ftype = FTYPES[ftype]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
+    at("llama.cpp quantize", f"{src.name} -> {ftype}")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {src} -> {ftype} failed")
     tmp.replace(dst)
@@ -45,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    supervise("quantize_q8", main)

@@ -49,6 +49,7 @@ from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
 from src.gates import QUALITY_ADVICE, gates, quality_gates
 from src.grammar import gbnf
+from src.native import at, supervise
 from src.params import stage_params
 from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
@@ -115,6 +116,7 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
     from src.llama_runtime import silence
 
     silence()
+    at("llama.cpp", f"the grammar check of {model.name}")
     llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     try:
         n, vocab = llm.n_vocab(), llm._model.vocab
@@ -238,4 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    supervise("release", main)
