@@ -538,22 +538,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured and converted here
-    as the release's is (random weights, untouched): a teacher that rambles. Yields (base URL, server log)."""
+    """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured, converted and
+    quantised here as the release's is (random weights, untouched): a teacher that rambles.
+    Yields (base URL, server log)."""
     import gguf
 
     from src import vlm
     from src.contract import Contract
     from src.llama_build import convert
+    from src.stages.quantize_q8 import quantize
     from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
-    c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+    params_yaml = yaml.safe_load((ROOT / "params.yaml").read_text())
+    c = Contract.from_dict(params_yaml["contract"])
     model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
     vlm.save(model, processor, tmp / "hf")
-    convert(tmp / "hf", tmp / "model.gguf", "f16")
-    convert(tmp / "hf", tmp / "mmproj.gguf", "f16", mmproj=True)
+    # the release's path: f32, then llama.cpp's Q8_0 quantiser; the mmproj in the release's outtype
+    convert(tmp / "hf", tmp / "text-f32.gguf", "f32")
+    quantize(tmp / "text-f32.gguf", tmp / "model.gguf", params_yaml["quantize_q8"]["ftype"])
+    convert(tmp / "hf", tmp / "mmproj.gguf", params_yaml["convert_gguf"]["mmproj_outtype"], mmproj=True)
     # SmolVLM's chat template travels into the GGUF: what the server renders image parts with
     field = gguf.GGUFReader(tmp / "model.gguf").get_field("tokenizer.chat_template")
     assert field is not None and field.contents() == vlm.SMOLVLM_CHAT_TEMPLATE
