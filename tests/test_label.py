@@ -357,7 +357,7 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
         def ramble(schema: dict[str, Any]) -> tuple[list[int], bool]:
             out: list[int] = []
             with Constraint(vocab, json_schema_to_gbnf(json.dumps(schema)), n) as c:
-                while len(out) < 3 * cfg.max_tokens:
+                while len(out) < cfg.max_tokens:
                     tok = int(np.argmax(c.mask(rambler)))
                     if tok in end:  # llama-cpp-python stops at any end-of-generation token
                         return out, True
@@ -371,7 +371,7 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
         assert closed and len(out) <= cfg.max_tokens - 1, (len(out), llm.detokenize(out))
         assert answer["element"] in LABELS and len(answer["reason"]) == 59  # it rambled up to the bound
         out, closed = ramble(answer_schema(LABELS))
-        assert not closed and len(out) == 3 * cfg.max_tokens  # unbounded, the same rambler never closes
+        assert not closed  # unbounded, the same rambler runs through the whole budget
     finally:
         llm.close()
 
