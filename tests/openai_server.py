@@ -10,7 +10,8 @@ The server knows the right answer per canvas (`truth`: PNG sha256 -> element) an
 injects faults per canvas, consumed one per request (`faults`), or on every request
 (`always`): "429" (with Retry-After), "500", "timeout" (no answer until the client
 gives up), "garbage" (a 200 whose body is not JSON), "malformed" (message content
-not JSON), "offenum" (an element outside the schema's enum), "echo_key" (a 400 whose
+not JSON), "offenum" (an element outside the schema's enum), "cutoff" (the reason runs
+on until the request's token budget, finish_reason `length`), "echo_key" (a 400 whose
 message quotes the caller's key back, as careless proxies do).
 
 It validates what it is sent (Bearer key, strict json_schema whose `element` enum is
@@ -53,6 +54,7 @@ class Logged:
     path: str
     canvas: str | None = None
     fault: str | None = None
+    budget: int | None = None  # the token limit a chat request carried
 
 
 @dataclass
@@ -105,6 +107,10 @@ class FakeOpenAI:
         with self.lock:
             return [(r.at, r.fault) for r in self.log if r.canvas == canvas]
 
+    def budgets(self, canvas: str) -> list[int | None]:
+        with self.lock:
+            return [r.budget for r in self.log if r.canvas == canvas]
+
     # -- the answer logic, shared by chat and batch -----------------------------------
     def _next_fault(self, canvas: str) -> str | None:
         with self.lock:
@@ -133,6 +139,9 @@ class FakeOpenAI:
         text = "".join(p.get("text", "") for m in body["messages"] for p in _parts(m))
         usage = {"prompt_tokens": 85 + len(text) // 4, "completion_tokens": len(content) // 4 + 1}
         finish = "stop"
+        if fault == "cutoff":  # a rambling reason, stopped by the token limit mid-string
+            content, finish = content[:-2] + " and so on and so on", "length"
+            usage["completion_tokens"] = _budget(body, self.dialect)
         if self.dialect == "llama-cpp-python" and body.get("max_tokens") is None:
             # max_completion_tokens is not read: the reason runs on to the end of the context
             content, finish = content[:-2] + " and so on", "length"
@@ -181,6 +190,13 @@ class FakeOpenAI:
         fid = f"file-{len(self.files) + 1:04d}"
         self.files[fid] = data
         return fid
+
+
+def _budget(body: dict[str, Any], dialect: str) -> int | None:
+    """The token limit this dialect reads from the request."""
+    if dialect == "llama-cpp-python":
+        return body.get("max_tokens")
+    return body.get("max_completion_tokens", body.get("max_tokens"))
 
 
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -247,9 +263,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
-    def _log(self, canvas: str | None = None, fault: str | None = None) -> None:
+    def _log(self, canvas: str | None = None, fault: str | None = None, budget: int | None = None) -> None:
         with self.fake.lock:
-            self.fake.log.append(Logged(time.time(), self.command, self.path, canvas, fault))
+            self.fake.log.append(Logged(time.time(), self.command, self.path, canvas, fault, budget))
 
     def do_POST(self) -> None:  # noqa: N802
         body = self._body()
@@ -336,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_chat(self, body: dict[str, Any]) -> None:
         fake = self.fake
         status, resp, canvas, fault = fake.completion(body)
-        self._log(canvas, fault)  # on arrival: a request counts even if its caller is killed waiting
+        self._log(canvas, fault, _budget(body, fake.dialect))  # on arrival: counts even if its caller is killed waiting
         if fake.delay_s:
             time.sleep(fake.delay_s)
         if fault == "429":

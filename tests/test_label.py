@@ -272,6 +272,110 @@ def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, 
         run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__max_tokens_field="n_predict"))
 
 
+def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(tmp_path: Path, key: str) -> None:
+    from src.teacher.request import TeacherConfig, request_body
+
+    body = request_body(TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"]), LABELS, b"png")
+    # OpenAI's strict form, as it was before the bound: nothing outside the subset OpenAI accepts
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "element_label", "strict": True, "schema": {
+        "type": "object", "properties": {"element": {"type": "string", "enum": list(LABELS)},
+                                         "reason": {"type": "string", "description": "a few words: what in the image decided it"}},
+        "required": ["element", "reason"], "additionalProperties": False}}}
+    assert body["max_completion_tokens"] == 100 and "max_tokens" not in body
+    local = request_body(TeacherConfig.from_params(params(teacher__response_format="json_object",
+                                                          teacher__max_tokens_field="max_tokens")["label"]), LABELS, b"png")
+    # 59 = 100 - len('{"element":"metal","reason":""}') (31) - 9 optional spaces - 1 end-of-text token
+    assert local["response_format"]["schema"]["properties"]["reason"] == {
+        "type": "string", "description": "a few words: what in the image decided it",
+        "maxLength": 59, "pattern": "^[ !#-Z^-~]{0,59}$"}
+    assert local["max_tokens"] == 100
+    # a budget with no room for a reason is a config error, before any request
+    make_canvases(tmp_path / "resize256", 2)
+    with pytest.raises(SystemExit, match=r"^label: label.teacher.max_tokens=41 leaves no room for the reason: the rest "
+                                         r"of the answer takes up to 41 tokens in the json_object form; set it above 41$"):
+        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="json_object", teacher__max_tokens=41))
+
+
+def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_path: Path, key: str) -> None:
+    from src.teacher.request import TeacherConfig, retry_budget
+
+    truth = make_canvases(tmp_path / "resize256", 4)
+    s = sorted(truth)
+    with FakeOpenAI(truth, key, faults={s[0]: ["cutoff"]}, always={s[1]: "cutoff"}) as srv:
+        p = params(srv.base_url, answer_attempts=1, max_failure_rate=0.5)
+        room = retry_budget(TeacherConfig.from_params(p["label"]))
+        assert room == 100 + 9 * 21  # llama-server's grammar: up to 22 whitespace characters after each JSON token
+        m = run_stage(tmp_path, p)
+        rows = labels_by_sha(tmp_path)
+        # the retry is not one of label.answer_attempts (1 here): the same question, with room to finish
+        assert rows[s[0]]["element"] == truth[s[0]] and srv.budgets(s[0]) == [100, room]
+        assert rows[s[1]]["status"] == "failed" and srv.budgets(s[1]) == [100, room]  # once, not again and again
+        assert rows[s[1]]["error"] == (f"answer cut off at max_completion_tokens=100 and again at {room}: "
+                                       "label.teacher.response_format=json_schema leaves the reason unbounded; "
+                                       "raise label.teacher.max_tokens (README: Teacher servers)")
+        assert srv.budgets(s[2]) == [100] and m["failed"] == 1 and m["invalid_answers"] == 3
+    # a grammar server that did not honour the bound: the line says so
+    with FakeOpenAI(truth, key, dialect="llama-cpp-python", always={s[2]: "cutoff"}) as srv:
+        run_stage(tmp_path, params(srv.base_url, max_failure_rate=0.5, teacher__prompt="again: {labels}",
+                                   teacher__response_format="json_object", teacher__max_tokens_field="max_tokens"))
+        assert srv.budgets(s[2]) == [100, room]
+        assert labels_by_sha(tmp_path)[s[2]]["error"] == (
+            f"answer cut off at max_tokens=100 and again at {room}: the schema bounds the reason to 59 characters, "
+            "so this server does not honour the schema's pattern; raise label.teacher.max_tokens (README: Teacher servers)")
+
+
+def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cpp_pythons_grammar() -> None:
+    """The schema the json_object request sends, compiled as llama-cpp-python's server compiles it
+    (llama_grammar.json_schema_to_gbnf), decoded on the real SmolLM2 vocabulary by the worst rambler:
+    it prefers the shortest tokens, escapes and whitespace above all, and a quote only when nothing else is allowed.
+    The unbounded schema (OpenAI's form) lets the same rambler run past the budget."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    from src.grammar import Constraint
+    from src.llama_runtime import silence
+    from src.teacher.request import TeacherConfig, answer_schema, request_body
+    from src.vlm import smollm2_gguf
+
+    cfg = TeacherConfig.from_params(params(teacher__response_format="json_object", teacher__max_tokens_field="max_tokens")["label"])
+    bounded = request_body(cfg, LABELS, b"png")["response_format"]["schema"]
+    silence()
+    llm = Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
+    try:
+        n, vocab = llm.n_vocab(), llm._model.vocab
+        # A token's length as the grammar may see it: its piece, or its text where the piece is empty (some
+        # tokens, 48 dashes among them, detokenize to nothing yet match the grammar as their text).
+        pieces = [llm.detokenize([i], special=True) or llama_cpp.llama_vocab_get_text(vocab, i) for i in range(n)]
+        # shortest first; a backslash (an escape: two or six tokens for one character) and whitespace above all
+        rambler = np.array([-len(x) + (0.9 if x == b"\\" else 0.5 if x and not x.strip() else 0.0)
+                            - (100.0 if b'"' in x else 0.0) for x in pieces], dtype=np.float32)
+        end = [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        rambler[end] = -1000.0  # ends only when the grammar allows nothing else
+
+        def ramble(schema: dict[str, Any]) -> tuple[list[int], bool]:
+            out: list[int] = []
+            with Constraint(vocab, json_schema_to_gbnf(json.dumps(schema)), n) as c:
+                while len(out) < cfg.max_tokens:
+                    tok = int(np.argmax(c.mask(rambler)))
+                    if tok in end:  # llama-cpp-python stops at any end-of-generation token
+                        return out, True
+                    c.accept(tok)
+                    out.append(tok)
+            return out, False
+
+        out, closed = ramble(bounded)
+        answer = json.loads(llm.detokenize(out))
+        # llama-cpp-python stops at `length` once it holds max_tokens tokens: the end-of-text token needs one more
+        assert closed and len(out) <= cfg.max_tokens - 1, (len(out), llm.detokenize(out))
+        assert answer["element"] in LABELS and len(answer["reason"]) == 59  # it rambled up to the bound
+        out, closed = ramble(answer_schema(LABELS))
+        assert not closed  # unbounded, the same rambler runs through the whole budget
+    finally:
+        llm.close()
+
+
 def test_refused_field_reads_each_servers_complaint() -> None:
     from src.teacher.request import refused_field
 
@@ -432,42 +536,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def close_strings_soon(model: Any, tokenizer: Any) -> None:
-    """Tilt a random model towards tokens holding a double quote, so its JSON `reason` ends.
-
-    Untilted, greedy decoding never closes the string: every answer runs to max_tokens and
-    every canvas fails, so nothing would check the answers that pass. One embedding
-    dimension (tied: input and output) is 10 in every row and 20 in those tokens' rows;
-    the residual stream carries that dimension to the last position, where it gives those
-    tokens' logits a lead of tens. The grammar still decides what is allowed; the model only picks.
-    """
-    import torch
-
-    quote = [i for t, i in tokenizer.get_vocab().items() if '"' in tokenizer.convert_tokens_to_string([t])]
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[:, 0] = 10.0
-        emb[quote, 0] = 20.0
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured and converted here."""
+    """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured, converted and
+    quantised here as the release's is (random weights, untouched): a teacher that rambles.
+    Yields (base URL, server log)."""
     import gguf
 
     from src import vlm
     from src.contract import Contract
     from src.llama_build import convert
+    from src.stages.quantize_q8 import quantize
     from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
-    c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+    params_yaml = yaml.safe_load((ROOT / "params.yaml").read_text())
+    c = Contract.from_dict(params_yaml["contract"])
     model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
-    close_strings_soon(model, processor.tokenizer)
     vlm.save(model, processor, tmp / "hf")
-    convert(tmp / "hf", tmp / "model.gguf", "f16")
-    convert(tmp / "hf", tmp / "mmproj.gguf", "f16", mmproj=True)
+    # the release's path: f32, then llama.cpp's Q8_0 quantiser; the mmproj in the release's outtype
+    convert(tmp / "hf", tmp / "text-f32.gguf", "f32")
+    quantize(tmp / "text-f32.gguf", tmp / "model.gguf", params_yaml["quantize_q8"]["ftype"])
+    convert(tmp / "hf", tmp / "mmproj.gguf", params_yaml["convert_gguf"]["mmproj_outtype"], mmproj=True)
     # SmolVLM's chat template travels into the GGUF: what the server renders image parts with
     field = gguf.GGUFReader(tmp / "model.gguf").get_field("tokenizer.chat_template")
     assert field is not None and field.contents() == vlm.SMOLVLM_CHAT_TEMPLATE
@@ -488,29 +579,40 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     try:
         assert wait_for(up, timeout_s=120, every_s=0.2) and proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        yield base_url
+        yield base_url, tmp / "server.log"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
 
 
+def served_chat_requests(log: Path) -> list[str]:
+    """The server's own access log (uvicorn's): the status of every chat completion it answered."""
+    return [line.rsplit('" ', 1)[1].split()[0] for line in log.read_text().splitlines()
+            if '"POST /v1/chat/completions HTTP/1.1"' in line]
+
+
 @pytest.mark.slow
-def test_the_label_stage_against_llama_cpp_python_server(tmp_path: Path, key: str, llama_server: str) -> None:
-    """A tiny random model answers arbitrary elements, but the grammar keeps them labels: the plumbing end to end."""
-    truth = make_canvases(tmp_path / "resize256", 4)
+def test_the_label_stage_against_llama_cpp_python_server(tmp_path: Path, key: str, llama_server: tuple[str, Path]) -> None:
+    """An untrained tiny SmolVLM rambles; the grammar keeps its elements labels and the bounded
+    reason closes every answer within label.teacher.max_tokens (README's settings, 10 canvases)."""
+    base_url, log = llama_server
+    truth = make_canvases(tmp_path / "resize256", 10)
     # OpenAI's form: the server refuses it (as a 500), and the stage says which field, after one request
     with pytest.raises(SystemExit, match=r"refused the request's response_format \(label.teacher.response_format="
                                          r"json_schema\): HTTP 500: Input should be 'text' or 'json_object'"):
-        run_stage(tmp_path, params(llama_server, concurrency=1))
-    p = params(llama_server, concurrency=1, max_failure_rate=1.0, teacher__response_format="json_object",
+        run_stage(tmp_path, params(base_url, concurrency=1))
+    before = len(served_chat_requests(log))
+    p = params(base_url, concurrency=1, max_failure_rate=0.2, teacher__response_format="json_object",
                teacher__max_tokens_field="max_tokens", teacher__timeout_s=60.0)
     m = run_stage(tmp_path, p)
+    served = served_chat_requests(log)[before:]
     rows = labels_by_sha(tmp_path)
-    assert set(rows) == set(truth) and m["canvases"] == 4 == m["labelled"] + m["failed"]
-    assert all(r["provider"] == "teacher" and r["status"] in ("ok", "failed") for r in rows.values())
-    assert all(r["element"] in LABELS for r in rows.values() if r["status"] == "ok")
-    assert all(r["error"] for r in rows.values() if r["status"] == "failed")
-    assert m["requests"] >= 4 and m["server_errors"] == 0 and m["timeouts"] == 0
-    print(f"llama-cpp-python server: {m['labelled']} labelled, {m['failed']} failed, {m['requests']} requests, "
-          f"{m['invalid_answers']} invalid answers")
+    assert set(rows) == set(truth) and m["canvases"] == 10 == m["labelled"] + m["failed"]
+    assert m["labelled"] >= 8, [r["error"] for r in rows.values() if r["error"]]
+    assert all(r["element"] in LABELS and len(r["reason"]) <= 59 for r in rows.values() if r["status"] == "ok")
+    assert m["requests"] == len(served) and set(served) == {"200"} and m["server_errors"] == m["timeouts"] == 0
+    assert m["invalid_answers"] == 0 and m["tokens_out"] <= 99 * m["requests"]  # every answer closed within max_tokens
+    print(f"llama-cpp-python server: {m['labelled']}/10 labelled, {m['failed']} failed, {len(served)} chat requests "
+          f"served (HTTP 200), {m['invalid_answers']} invalid answers, {m['tokens_out']} tokens out; reasons: "
+          f"{sorted({r['reason'] for r in rows.values() if r['reason']})[:3]}")

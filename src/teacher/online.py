@@ -3,9 +3,11 @@
 Retried: 429 (after Retry-After, which pauses every worker), 5xx, 408/409, timeouts,
 dropped connections and unreadable 200s, up to label.max_attempts per answer, with
 exponential backoff and jitter; malformed or off-enum answers are asked again up to
-label.answer_attempts. Not retried: any other 4xx (that canvas fails), and a refused
-field or an ignored token limit (src/teacher/request.py), which stops the run in one
-line, because every request would meet the same refusal.
+label.answer_attempts. An answer cut off at the token budget is asked once more with
+`retry_budget` tokens (not one of those attempts), then fails naming the param to
+change. Not retried: any other 4xx (that canvas fails), and a refused field or an
+ignored token limit (src/teacher/request.py), which stops the run in one line,
+because every request would meet the same refusal.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ from tqdm import tqdm
 from src.label_cache import AnswerCache
 from src.teacher.request import (
     BadAnswer,
+    CutOff,
     Item,
     ItemFailed,
     Tally,
     TeacherConfig,
     TeacherFatal,
     answer_record,
+    cut_off_line,
     ignored_limit_line,
     parse_completion,
     redact,
     refusal_line,
     refused_field,
     request_body,
+    retry_budget,
 )
 
 MAX_BACKOFF_S = 60.0
@@ -150,23 +155,28 @@ def _answer(client: openai.OpenAI, item: Item, labels: tuple[str, ...], cfg: Tea
         png = item.png.read_bytes()
     except OSError as e:
         raise ItemFailed(f"cannot read canvas {item.png}: {e.strerror}") from None
-    body = request_body(cfg, labels, png)
-    last = ""
-    for _ in range(cfg.answer_attempts):
-        resp = _complete(client, body, cfg, pacer, tally, stop, secret)
+    budget, asked, last = cfg.max_tokens, 0, ""
+    while asked < cfg.answer_attempts:
+        resp = _complete(client, request_body(cfg, labels, png, budget), cfg, pacer, tally, stop, secret)
         try:
             element, reason, t_in, t_out = parse_completion(resp, labels)
         except BadAnswer as e:
             t_in, t_out = int(e.args[1]), int(e.args[2])
             tally.paid(cfg, t_in, t_out, batch=False)
-            if t_out > cfg.max_tokens:  # the server read another field: every answer would run on
-                raise _fatal(stop, ignored_limit_line(cfg, t_out), secret) from None
+            if t_out > budget:  # the server read another field: every answer would run on
+                raise _fatal(stop, ignored_limit_line(cfg, t_out, budget), secret) from None
             tally.add(invalid_answers=1)
+            if isinstance(e, CutOff):
+                if budget != cfg.max_tokens:  # cut off with the room the bound needs: more tries will not close it
+                    raise ItemFailed(redact(cut_off_line(cfg, labels, budget), secret)) from None
+                budget = retry_budget(cfg)  # kept for this canvas's later answers
+                continue
+            asked += 1
             last = str(e.args[0])
             continue
         tally.paid(cfg, t_in, t_out, batch=False)
-        if t_out > cfg.max_tokens:
-            raise _fatal(stop, ignored_limit_line(cfg, t_out), secret)
+        if t_out > budget:
+            raise _fatal(stop, ignored_limit_line(cfg, t_out, budget), secret)
         return answer_record(item.key, item.canvas_sha256, cfg, element, reason, t_in, t_out, "online")
     raise ItemFailed(redact(f"{cfg.answer_attempts} answers were invalid; last: {last}", secret))
 

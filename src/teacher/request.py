@@ -9,9 +9,14 @@ short `reason`. OpenAI-compatible servers differ in two fields, so params choose
   label.teacher.max_tokens_field max_completion_tokens (OpenAI; its reasoning models refuse max_tokens)
                                  max_tokens (vLLM, llama-cpp-python, which ignores the other name)
 
+In the json_object form the schema also bounds `reason` (`reason_bound`): llama.cpp's
+servers compile the schema into a grammar, so every answer closes within max_tokens. The
+json_schema form stays within OpenAI's strict subset, unchanged: `reason` unbounded.
+
 The answer is still checked: servers differ in how strictly they honour a schema. A
 server that refuses one of these fields (or ignores the token limit) is named in one
-line by `refusal_line`, not retried: every request would be refused the same way.
+line by `refusal_line`, not retried: every request would be refused the same way. An
+answer cut off at the token budget is asked once more with `retry_budget(cfg)` tokens.
 """
 
 from __future__ import annotations
@@ -113,17 +118,67 @@ class BadAnswer(ValueError):
     """The teacher answered, but not with one of the labels."""
 
 
+class CutOff(BadAnswer):
+    """The answer ran to the token budget before it closed."""
+
+
 class BatchPending(RuntimeError):
     """Submitted batches are still running; a rerun resumes polling them."""
 
 
 # -- the request -------------------------------------------------------------------------------
 
-def answer_schema(labels: tuple[str, ...]) -> dict[str, Any]:
+# The bound on `reason` in the json_object form. Not `maxLength` alone: it counts characters,
+# and one character can take several tokens (an escape like \u00e9, a 4-byte UTF-8 character
+# in byte tokens). A pattern of printable ASCII without `"` `\` `[` `]` has no escapes and no
+# multi-byte characters, and every token a llama.cpp grammar admits adds at least one byte
+# (it masks empty pieces), so N characters take at most N tokens. Both converters llama.cpp's
+# servers use (llama_grammar.py in llama-cpp-python 0.3.36, common/json-schema-to-grammar.cpp)
+# read `pattern` before `maxLength`; `maxLength` stays for servers that read only that.
+REASON_CHARS = "[ !#-Z^-~]"
+# Whitespace the grammar admits after each of the answer's 9 JSON tokens (JSON's, not the
+# model's: { "element" : "water" , "reason" : "..." }): llama-cpp-python's SPACE_RULE is `" "?`;
+# llama.cpp's llama-server's is `| " " | "\n"{1,2} [ \t]{0,20}`, up to 22 characters.
+JSON_TOKENS = 9
+SPACE_LLAMA_CPP_PYTHON, SPACE_LLAMA_SERVER = 1, 22
+
+
+def answer_schema(labels: tuple[str, ...], reason_chars: int | None = None) -> dict[str, Any]:
+    """The answer's JSON schema; with `reason_chars`, `reason` is at most that many characters of REASON_CHARS."""
+    reason: dict[str, Any] = {"type": "string", "description": "a few words: what in the image decided it"}
+    if reason_chars is not None:
+        reason |= {"maxLength": reason_chars, "pattern": f"^{REASON_CHARS}{{0,{reason_chars}}}$"}
     return {"type": "object",
-            "properties": {"element": {"type": "string", "enum": list(labels)},
-                           "reason": {"type": "string", "description": "a few words: what in the image decided it"}},
+            "properties": {"element": {"type": "string", "enum": list(labels)}, "reason": reason},
             "required": ["element", "reason"], "additionalProperties": False}
+
+
+def answer_tokens(labels: tuple[str, ...], reason_chars: int, space: int) -> int:
+    """The most tokens an answer takes whose reason is at most `reason_chars` characters of REASON_CHARS.
+
+    One token per character at worst, `space` characters of whitespace after each JSON token,
+    and one more: llama-cpp-python ends an answer with finish_reason `length` as soon as it
+    holds max_tokens tokens, so the end-of-text token needs room in the budget too.
+    """
+    skeleton = json.dumps({"element": max(labels, key=len), "reason": ""}, separators=(",", ":"))
+    return len(skeleton) + reason_chars + JSON_TOKENS * space + 1
+
+
+def reason_bound(cfg: TeacherConfig, labels: tuple[str, ...]) -> int:
+    """Characters of `reason` that fit in label.teacher.max_tokens beside the rest of the answer
+    (llama-cpp-python's grammar); ValueError when none do."""
+    rest = answer_tokens(labels, 0, SPACE_LLAMA_CPP_PYTHON)
+    if cfg.max_tokens <= rest:
+        raise ValueError(f"label.teacher.max_tokens={cfg.max_tokens} leaves no room for the reason: the rest of the "
+                         f"answer takes up to {rest} tokens in the json_object form; set it above {rest}")
+    return cfg.max_tokens - rest
+
+
+def retry_budget(cfg: TeacherConfig) -> int:
+    """The budget for the one retry of a cut-off answer: max_tokens plus the whitespace llama.cpp's
+    llama-server admits beyond llama-cpp-python's, which is what the bounded answer needs there.
+    In the json_schema form nothing bounds the reason; the retry gets the same room."""
+    return cfg.max_tokens + JSON_TOKENS * (SPACE_LLAMA_SERVER - SPACE_LLAMA_CPP_PYTHON)
 
 
 def render_prompt(template: str, labels: tuple[str, ...]) -> str:
@@ -133,8 +188,8 @@ def render_prompt(template: str, labels: tuple[str, ...]) -> str:
 def cache_key(canvas_sha256: str, cfg: TeacherConfig, labels: tuple[str, ...]) -> str:
     """What decides the answer, hashed: the canvas, the model, the prompt, the schema, the detail.
 
-    Not the request's form (response_format, max_tokens_field): the same schema in
-    another wrapper asks the same question, so answers cached before stay valid.
+    Not the request's form (response_format, max_tokens_field, the bound on `reason`): the
+    same schema in another wrapper asks the same question, so answers cached before stay valid.
     """
     what = {"canvas": canvas_sha256, "model": cfg.model, "prompt": render_prompt(cfg.prompt, labels),
             "schema": answer_schema(labels), "detail": cfg.detail}
@@ -142,13 +197,13 @@ def cache_key(canvas_sha256: str, cfg: TeacherConfig, labels: tuple[str, ...]) -
 
 
 def response_format(cfg: TeacherConfig, labels: tuple[str, ...]) -> dict[str, Any]:
-    if cfg.response_format == "json_object":  # llama-cpp-python turns the schema into a grammar
-        return {"type": "json_object", "schema": answer_schema(labels)}
+    if cfg.response_format == "json_object":  # llama.cpp's servers turn the schema into a grammar: bound the reason
+        return {"type": "json_object", "schema": answer_schema(labels, reason_bound(cfg, labels))}
     return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": answer_schema(labels)}}
 
 
-def request_body(cfg: TeacherConfig, labels: tuple[str, ...], png: bytes) -> dict[str, Any]:
-    """The chat completion body, the same for an online request and a batch line."""
+def request_body(cfg: TeacherConfig, labels: tuple[str, ...], png: bytes, budget: int | None = None) -> dict[str, Any]:
+    """The chat completion body, the same for an online request and a batch line; `budget` replaces max_tokens."""
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     body: dict[str, Any] = {
         "model": cfg.model,
@@ -156,7 +211,7 @@ def request_body(cfg: TeacherConfig, labels: tuple[str, ...], png: bytes) -> dic
             {"type": "text", "text": render_prompt(cfg.prompt, labels)},
             {"type": "image_url", "image_url": {"url": url, "detail": cfg.detail}}]}],
         "response_format": response_format(cfg, labels),
-        cfg.max_tokens_field: cfg.max_tokens,
+        cfg.max_tokens_field: cfg.max_tokens if budget is None else budget,
     }
     if cfg.temperature is not None:  # reasoning models refuse any temperature; null leaves it out
         body["temperature"] = cfg.temperature
@@ -181,7 +236,7 @@ def parse_completion(resp: dict[str, Any], labels: tuple[str, ...]) -> tuple[str
     if message.get("refusal"):
         raise BadAnswer(f"refused: {message['refusal'][:200]}", t_in, t_out)
     if choice.get("finish_reason") == "length":
-        raise BadAnswer("answer cut off at max_tokens", t_in, t_out)
+        raise CutOff("answer cut off at max_tokens", t_in, t_out)
     content = message.get("content")
     try:
         answer = json.loads(content or "")
@@ -258,11 +313,23 @@ def refusal_line(cfg: TeacherConfig, status: int, name: str, complaint: str) -> 
             f"(README: Teacher servers)")
 
 
-def ignored_limit_line(cfg: TeacherConfig, tokens_out: int) -> str:
+def ignored_limit_line(cfg: TeacherConfig, tokens_out: int, budget: int) -> str:
     """The one line for a server that ignored the token limit: its answers run to the context's end."""
+    over = f"label.teacher.max_tokens={cfg.max_tokens}" if budget == cfg.max_tokens else f"the retry's budget of {budget}"
     return (f"{cfg.base_url} ignored {cfg.max_tokens_field}: an answer ran to {tokens_out} tokens, over "
-            f"label.teacher.max_tokens={cfg.max_tokens}; try label.teacher.max_tokens_field="
+            f"{over}; try label.teacher.max_tokens_field="
             f"{_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)} (README: Teacher servers)")
+
+
+def cut_off_line(cfg: TeacherConfig, labels: tuple[str, ...], budget: int) -> str:
+    """Why a canvas failed whose answer was cut off twice, and the param to change."""
+    if cfg.response_format == "json_object":
+        why = (f"the schema bounds the reason to {reason_bound(cfg, labels)} characters, so this server does "
+               f"not honour the schema's pattern")
+    else:
+        why = "label.teacher.response_format=json_schema leaves the reason unbounded"
+    return (f"answer cut off at {cfg.max_tokens_field}={cfg.max_tokens} and again at {budget}: {why}; raise "
+            f"label.teacher.max_tokens (README: Teacher servers)")
 
 
 def _other(value: str, choices: tuple[str, str]) -> str:
