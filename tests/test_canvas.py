@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from src.canvas import BadImage, android_canvas, canvas_png, fit_box, to_canvas
 from src.contract import CanvasSpec
-from tests.conftest import ROOT
+from tests.conftest import project_params
 
-SPEC = CanvasSpec(**yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]["canvas"])
+SPEC = CanvasSpec(**project_params()["contract"]["canvas"])
 # PIL's own bilinear path, compared with the Skia drawing (the contract's default is the Skia drawing itself)
 PIL_SPEC = CanvasSpec(**{**SPEC.__dict__, "resample": "bilinear"})
 

@@ -23,8 +23,8 @@ import yaml
 from PIL import Image
 
 from src.stages.label import label_stage
-from src.params import stage_params
 from src.records import read_jsonl, sha256, write_jsonl
+from tests.conftest import params_for, project_params
 from tests.http_server import wait_for
 from tests.openai_server import LLAMA_CPP_REFUSAL, FakeOpenAI
 
@@ -58,7 +58,7 @@ def make_canvases(resize256: Path, n: int, start: int = 0) -> dict[str, str]:
 
 def params(base_url: str = "", **changes: Any) -> dict[str, Any]:
     """The repo's declared label params, pointed at the fake server, with test-sized delays."""
-    p = copy.deepcopy(stage_params("label"))
+    p = copy.deepcopy(params_for("label"))
     lp = p["label"]
     lp.update(provider="teacher", concurrency=3, backoff_s=0.05, max_failure_rate=0.0)
     lp["teacher"].update(base_url=base_url, timeout_s=3.0)  # room for a loaded CI machine
@@ -93,7 +93,7 @@ def key(monkeypatch: pytest.MonkeyPatch) -> str:
 def test_default_provider_is_manifest_and_needs_no_key_or_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     truth = make_canvases(tmp_path / "resize256", 6)
-    p = stage_params("label")
+    p = params_for("label")
     assert p["label"]["provider"] == "manifest"
     m = run_stage(tmp_path, p)
     rows = labels_by_sha(tmp_path)
@@ -113,7 +113,7 @@ def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path) -> N
                   f"{sha0},metal,rusty bucket\nimg-001,fire,\nimg-999,wood,gone\n")
     recs[2]["label"] = "plasma"  # a bad source label: failed, and shown as failed
     write_jsonl(tmp_path / "resize256/records.jsonl", recs)
-    p = stage_params("label")
+    p = params_for("label")
     p["label"]["max_failure_rate"] = 0.5
     m = run_stage(tmp_path, p, ov)
     rows = {r["id"]: r for r in read_jsonl(tmp_path / "label/labels.jsonl")}
@@ -331,7 +331,7 @@ def repo_copy(tmp: Path, **changes: Any) -> Path:
     repo = tmp / "repo"
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params_yaml = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_yaml = project_params()
     params_yaml["label"] = params(**changes)["label"]  # every label leaf is declared, so this is all of it
     (repo / "params.yaml").write_text(yaml.safe_dump(params_yaml, sort_keys=False))
     return repo
@@ -461,7 +461,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
-    c = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+    c = Contract.from_dict(project_params()["contract"])
     model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
     close_strings_soon(model, processor.tokenizer)
