@@ -15,6 +15,15 @@ from src.params import ROOT, stage_params
 from tests.conftest import copy_project, run
 
 
+PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())
+
+
+def bump(version: str) -> str:
+    """Another version than the pin: its last number plus one."""
+    *head, last = str(version).split(".")
+    return ".".join([*head, str(int(last) + 1)])
+
+
 def stages() -> list[str]:
     return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
@@ -49,6 +58,27 @@ def test_a_missing_transitive_import_is_caught(tmp_path: Path) -> None:
     assert "src/geometry.py" in next(iter(missing.values()))
 
 
+def test_a_stale_dep_is_caught(tmp_path: Path) -> None:
+    """A code dep that no import reaches (left behind when an import went) reruns the stage for nothing."""
+    assert "src/llama_runtime.py" not in deps.code_deps("split")
+    split = "python -m src.stages.split ${paths.label} ${paths.split}\n    deps:\n"
+    text = (ROOT / "dvc.yaml").read_text()
+    assert split in text
+    (tmp_path / "dvc.yaml").write_text(text.replace(split, split + "      - src/llama_runtime.py\n"))
+    assert deps.diff(tmp_path / "dvc.yaml") == {"split": ([], ["src/llama_runtime.py"])}
+
+
+def test_relative_imports_are_followed(tmp_path: Path) -> None:
+    """`from .. import x` and `from .x import y` import src files as surely as `from src import x` does."""
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    split = tmp_path / deps.STAGES / "split.py"
+    split.write_text(split.read_text().replace("from src.params import", "from .. import geometry\nfrom src.params import"))
+    (tmp_path / "src" / "geometry.py").write_text("from .teacher.request import x\n")
+    found = set(deps.code_deps("split", tmp_path))
+    assert {"src/geometry.py", "src/teacher/__init__.py", "src/teacher/request.py"} <= found
+    assert "src/geometry.py" not in deps.code_deps("split")  # the real split imports neither
+
+
 def test_write_restores_what_a_hand_edit_dropped(tmp_path: Path) -> None:
     text = (ROOT / "dvc.yaml").read_text()
     (tmp_path / "dvc.yaml").write_text(text.replace("      - src/geometry.py\n", ""))
@@ -69,13 +99,15 @@ def stale_after(repo: Path, tmp_path: Path, edit: str, old: str, new: str) -> se
 @pytest.mark.slow
 def test_a_llama_cpp_upgrade_reruns_conversion_and_reproves_parity_and_nothing_upstream(
         tiny_repo: Path, tmp_path: Path) -> None:
-    assert stale_after(tiny_repo, tmp_path, "runtime.yaml", 'llama_cpp_python: "0.3.36"', 'llama_cpp_python: "0.3.37"') \
+    pin = PINS["llama_cpp_python"]
+    assert stale_after(tiny_repo, tmp_path, "runtime.yaml", f'llama_cpp_python: "{pin}"', f'llama_cpp_python: "{bump(pin)}"') \
         == {"convert_gguf", "quantize_q8", "eval_parity", "release"}
 
 
 @pytest.mark.slow
 def test_a_transformers_upgrade_reruns_training_and_everything_after(tiny_repo: Path, tmp_path: Path) -> None:
-    stale = stale_after(tiny_repo, tmp_path, "runtime.yaml", 'transformers: "5.23.0"', 'transformers: "5.24.0"')
+    pin = PINS["transformers"]
+    stale = stale_after(tiny_repo, tmp_path, "runtime.yaml", f'transformers: "{pin}"', f'transformers: "{bump(pin)}"')
     assert "finetune" in stale and {"convert_gguf", "eval_parity", "release"} <= stale
     assert not stale & {"download", "resize256", "label", "split"}
 
@@ -83,13 +115,15 @@ def test_a_transformers_upgrade_reruns_training_and_everything_after(tiny_repo: 
 def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = copy_project(tmp_path / "repo", {})
     pins = root / "runtime.yaml"
-    pins.write_text(pins.read_text().replace('transformers: "5.23.0"', 'transformers: "9.9.9"'))
+    pin = PINS["transformers"]
+    assert f'transformers: "{pin}"' in pins.read_text()
+    pins.write_text(pins.read_text().replace(f'transformers: "{pin}"', 'transformers: "9.9.9"'))
     assert "runtime" not in stage_params("split", root)  # a stage that declares no pin is not held back
     with pytest.raises(SystemExit) as e:
         stage_params("finetune", root)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "runtime.yaml: transformers = '9.9.9': installed is 5.23.0; expected the pinned version "
+        f"runtime.yaml: transformers = '9.9.9': installed is {pin}; expected the pinned version "
         "(run `make setup`, which installs runtime.yaml's pins)")
 
 
