@@ -7,9 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -156,8 +156,9 @@ def test_teacher_survives_every_fault_and_caches_every_answer(tmp_path: Path, ke
         assert m["cost_usd"] == pytest.approx((m["tokens_in"] * 0.15 + m["tokens_out"] * 0.60) / 1e6, rel=1e-4)
         (t429, f429), (t_ok, _) = srv.times(s[0])
         assert f429 == "429" and t_ok - t429 >= 1.0  # Retry-After: 1 honoured
-        # ... by every worker, not only the refused one; and never more than `concurrency` at once
-        assert not [r for r in srv.log if t429 + 0.1 < r.at < t429 + 0.9]
+        # ... by every worker, not only the refused one: within the pause, only the requests the other two workers
+        # had already sent when the 429 reached the client (one each) arrive; and never more than `concurrency` at once
+        assert len([r for r in srv.log if t429 < r.at < t429 + 1.0]) <= 3 - 1
         assert srv.max_in_flight <= 3
         # DVC deletes the outs; the cache outlives them: a second run asks nothing
         m2 = run_stage(tmp_path, params(srv.base_url))
@@ -426,12 +427,6 @@ def test_dvc_repro_keeps_the_cache_and_never_records_the_key(tmp_path: Path, mon
 
 # -- a real local teacher: llama-cpp-python's own server --------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def close_strings_soon(model: Any, tokenizer: Any) -> None:
     """Tilt a random model towards tokens holding a double quote, so its JSON `reason` ends.
 
@@ -471,15 +466,20 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     # SmolVLM's chat template travels into the GGUF: what the server renders image parts with
     field = gguf.GGUFReader(tmp / "model.gguf").get_field("tokenizer.chat_template")
     assert field is not None and field.contents() == vlm.SMOLVLM_CHAT_TEMPLATE
-    port = _free_port()
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tmp / "model.gguf"),
                              "--clip_model_path", str(tmp / "mmproj.gguf"), "--chat_format", "mtmd",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1"],
+                             "--host", "127.0.0.1", "--port", "0", "--n_threads", "1"],
                             stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
+    base_url = ""
 
-    def up() -> bool:
+    def up() -> bool:  # uvicorn binds port 0 itself and logs the port the kernel gave it
+        nonlocal base_url
+        if not base_url:
+            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", (tmp / "server.log").read_text())
+            if port is None:
+                return proc.poll() is not None
+            base_url = f"http://127.0.0.1:{port[1]}/v1"
         try:
             with urllib.request.urlopen(base_url + "/models", timeout=1) as r:
                 return r.status == 200
