@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -350,18 +349,20 @@ def env_with(key: str) -> dict[str, str]:
 def test_a_killed_run_resumes_without_paying_twice(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     truth = make_canvases(repo / "data/resize256", 12)
-    with FakeOpenAI(truth, KEY, delay_s=0.15) as srv:
+    with FakeOpenAI(truth, KEY, hold_from=6) as srv:
         repo_copy(tmp_path, teacher__base_url=srv.base_url, concurrency=1)
         proc = subprocess.Popen(stage_cmd(repo), cwd=repo, env=env_with(KEY),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while srv.chat_requests < 5 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        # the sixth request is held unanswered: killed then, the run has five answers paid for and one in flight
+        answers = repo / ".cache/label/answers.jsonl"
+        assert wait_for(lambda: srv.chat_requests >= 6 and len(read_jsonl(answers)) >= 5 or proc.poll() is not None,
+                        timeout_s=120), "the run neither asked six times nor cached five answers"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        srv.release()
         paid = srv.chat_requests
-        cached = read_jsonl(repo / ".cache/label/answers.jsonl")
-        assert 5 <= paid < 12 and paid - 1 <= len(cached) <= paid  # at most the one request in flight is lost
+        cached = read_jsonl(answers)
+        assert (paid, len(cached)) == (6, 5)  # every answer received was journalled; only the one in flight is lost
         res = subprocess.run(stage_cmd(repo), cwd=repo, env=env_with(KEY), capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert srv.chat_requests - paid == 12 - len(cached)  # the rest, and nothing already answered
