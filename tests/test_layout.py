@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from src import deps
-from src.params import ROOT, stage_params
-from tests.conftest import copy_project, run
+from src.params import ROOT, declared_keys, stage_params
+from src.schema import ParamsError, validate
+from tests.conftest import copy_project, project_params, run, set_param
 
 
 PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())
@@ -128,9 +129,100 @@ def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, cap
 
 
 def readme_commands(text: str) -> list[str]:
-    """The README's shell lines, continuation lines joined."""
+    """The README's commands: its shell lines (continuation lines joined, comments dropped, `&&` chains and
+    environment prefixes split off) and its inline code spans that start with a command this project drives."""
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    lines = [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    spans = [" ".join(c.split()) for c in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))]
+    starts = ("make ", "dvc ", "gto ", "python -m ", ".venv/bin/python -m ", ".venv/bin/torchrun ")
+    commands = []
+    for c in [c for c in lines if c] + [c for c in spans if c.startswith(starts)]:
+        for part in re.split(r"&&|\|\||;|\(|\)", c):  # `rm -rf X && dvc get ...`: each command on its own
+            words = part.split()
+            while words and re.match(r"^[A-Z_]+=", words[0]):  # `AWS_ACCESS_KEY_ID=... dvc ...`: the command
+                words.pop(0)
+            if words:
+                commands.append(" ".join(words))
+    return commands
+
+
+def readme_problems(text: str, home: Path) -> list[str]:
+    """What in the README's commands names something the repository lacks: a make target, a stage, a module or
+    its option, an artifact, a DVC output; a `-S key=value` a stage does not declare or the schema refuses
+    (the overrides of one command are validated together, `$HOME` read as `home`)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = dvc["vars"][0]["paths"]
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    declared = {k for st in stages() for k in declared_keys(st, ROOT / "dvc.yaml")}
+    problems = []
+    for c in readme_commands(text):
+        words = c.split()
+        for i, w in enumerate(words):
+            if w in ("make", "dvc", "gto", "-m", "-S") and i + 1 < len(words):
+                words[i + 1] = words[i + 1].strip("\"'")
+        if words[0] == "make":
+            problems += [f"{c}: no make target {t!r}" for t in words[1:] if not t.startswith("-") and t not in targets]
+        if m := re.search(r"-m ([\w.]+)(?=\s|$)(.*)", c):  # not `-m src.stages.<stage>`, a placeholder
+            module, rest = m.group(1), m.group(2).split()
+            if module.split(".")[0] in ("src", "bench"):
+                f = ROOT / (module.replace(".", "/") + ".py")
+                if not f.exists():
+                    problems.append(f"{c}: no module {module}")
+                elif not module.startswith("src.stages."):  # a stage's arguments are checked against dvc.yaml
+                    source = f.read_text()
+                    problems += [f"{c}: {module} has no option {w}" for w in rest
+                                 if w.startswith("--") and f'"{w.split("=")[0]}"' not in source]
+                    if rest and not rest[0].startswith("-") and "add_parser" in source \
+                            and f'add_parser("{rest[0]}"' not in source:
+                        problems.append(f"{c}: {module} has no command {rest[0]!r}")
+        if re.match(r"dvc (repro|commit)\b", c):
+            problems += [f"{c}: no stage {w!r}" for w in c.split()[2:] if not w.startswith("-") and w not in dvc["stages"]]
+        if m := re.match(r"(?:dvc artifacts get \S+|gto \w+) ([\w-]+)", c):
+            if m.group(1) not in dvc["artifacts"]:
+                problems.append(f"{c}: no artifact {m.group(1)!r}")
+        if m := re.match(r"dvc get \S+ (\S+)", c):
+            if m.group(1) not in paths.values():
+                problems.append(f"{c}: {m.group(1)} is no path of dvc.yaml")
+        if re.match(r"dvc (exp run|repro)\b", c):
+            params = project_params()
+            overrides = [w for prev, w in zip(c.split(), c.split()[1:]) if prev == "-S"]
+            for o in overrides:
+                key, _, value = o.strip("\"'").partition("=")
+                if key not in declared:
+                    problems.append(f"{c}: -S {key}: no stage declares it")
+                    continue
+                value = value.replace("$HOME", str(home))
+                set_param(params, key, yaml.safe_load(value))
+                if key.endswith(".path") and value.startswith(str(home)):
+                    (Path(value) / "fire").mkdir(parents=True, exist_ok=True)  # the user's photos, one folder per class
+            try:
+                validate(params)
+            except ParamsError as e:
+                problems += [f"{c}: {line}" for line in e.lines]
+    return problems
+
+
+def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    commands = readme_commands(text)
+    assert sum(" -S " in c for c in commands) >= 3 and any(c.startswith("make ") for c in commands)  # it reads them
+    assert readme_problems(text, tmp_path) == []
+    # the same check on a README with one mistake of each kind
+    broken = ("```bash\nmake tests\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
+              "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.reading a.jpg --bundel b\n"
+              "python -m src.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
+    assert [p.split(": ", 1)[1] for p in readme_problems(broken, tmp_path)] == [
+        "no make target 'tests'",
+        "-S finetune.epoch: no stage declares it",
+        "params.yaml: finetune.epochs = 0: should be greater than or equal to 1; expected >= 1",
+        "params.yaml: contract.vision.longest_edge = 128: below 2 x tile (512): transformers and llama.cpp would "
+        "lay the image out differently; expected at least 512",
+        "no stage 'finetun'",
+        "src.reading has no option --bundel",
+        "src.remotes has no command 'chek'",
+        "models/relase is no path of dvc.yaml",
+        "no artifact 'element-clasifier'",
+    ]
 
 
 def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
@@ -141,7 +233,7 @@ def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> Non
     expected = {name: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], " ".join(s["cmd"].split()))
                 for name, s in dvc["stages"].items()}
     commands = readme_commands((ROOT / "README.md").read_text())
-    by_hand = [c for c in commands if " -m src.stages." in c]
+    by_hand = [c for c in commands if re.search(r" -m src\.stages\.\w", c)]
     assert by_hand, "the README runs no stage by hand: nothing checked"
     for c in by_hand:
         stage = re.search(r"-m src\.stages\.(\w+)", c).group(1)
