@@ -99,7 +99,7 @@ def test_skia_resample_is_bilinear_sampling_on_black(w: int, h: int) -> None:
     """`skia_bilinear` (the contract's resample) against a reference that shares no code with it. Random
     texture: nearest-neighbour, mipmapped or box sampling, or an offset by a pixel, are off by tens of levels
     there; Skia's fixed-point weights stay within one level of the float reference."""
-    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8, endpoint=True), "RGB")
     spec = CanvasSpec(**{**SPEC.__dict__, "resample": "skia_bilinear"})
     got = np.asarray(to_canvas(img, spec)).astype(np.float64)
     assert np.abs(got - bilinear_reference(img, SPEC.size)).max() <= 1
