@@ -63,9 +63,10 @@ class Shell:
         return res
 
 
-# Where a program run as a user may write besides the repository: searched for secrets after each round trip.
-WRITABLE = ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
-            "TMPDIR", "DVC_SITE_CACHE_DIR")
+# Where a program run as a user may write besides the repository (clean_env points each under the test's
+# folder): searched for secrets after each round trip.
+USER_DIRS = ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "TMPDIR")
+WRITABLE = ("HOME", *USER_DIRS, "DVC_SITE_CACHE_DIR")
 
 
 def clean_env(tmp: Path, home: Path) -> dict[str, str]:
@@ -73,7 +74,7 @@ def clean_env(tmp: Path, home: Path) -> dict[str, str]:
     DVC site cache, all under `tmp` (or `home`), so the secret search can read everything the commands wrote."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SSH_", "DVC_", "GIT_", "XDG_"))}
     home.mkdir(parents=True, exist_ok=True)
-    for name in WRITABLE[1:-1]:
+    for name in USER_DIRS:
         env[name] = str(tmp / "user" / name.lower())
         Path(env[name]).mkdir(parents=True, exist_ok=True, mode=0o700)
     env.update({"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "HOME": str(home),
