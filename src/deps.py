@@ -43,9 +43,15 @@ def imports(path: Path, root: Path) -> set[Path]:
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from src import vlm` imports src/vlm.py; `from src.x import f` imports src/x.py
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            # `from src import vlm` imports src/vlm.py; `from src.x import f` imports src/x.py;
+            # `from . import x` and `from .x import f` are the same, counted from the file's own package
+            module = node.module or ""
+            if node.level:
+                package = path.relative_to(root).parent.parts
+                package = package[:len(package) - node.level + 1]
+                module = ".".join([*package, module] if module else package)
+            names = [module] + [f"{module}.{a.name}" for a in node.names]
         # importing src.teacher.client first runs src/teacher/__init__.py: every parent package counts
         names = [".".join(n.split(".")[:i]) for n in names for i in range(2, n.count(".") + 2)]
         for name in names:

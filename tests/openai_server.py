@@ -67,6 +67,7 @@ class FakeOpenAI:
     hang_s: float = 3.0
     delay_s: float = 0.0
     batch_polls: int = 1  # GETs of a batch that still answer in_progress
+    hold_from: int = 0  # if set, the chat request of this number (1-based) and later ones wait for release()
     dialect: str = "openai"  # or "llama-cpp-python", "openai-reasoning" (see the module's docstring)
     log: list[Logged] = field(default_factory=list)
     in_flight: int = 0
@@ -75,6 +76,7 @@ class FakeOpenAI:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
+    _released: threading.Event = field(default_factory=threading.Event)
 
     # -- lifecycle ---------------------------------------------------------------
     def __enter__(self) -> FakeOpenAI:
@@ -86,6 +88,7 @@ class FakeOpenAI:
 
     def __exit__(self, *exc: object) -> None:
         assert self._server is not None
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
@@ -93,6 +96,10 @@ class FakeOpenAI:
     def base_url(self) -> str:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def release(self) -> None:
+        """Answer the held requests (see hold_from) and hold no more."""
+        self._released.set()
 
     # -- what tests read -----------------------------------------------------------
     def count(self, method: str = "", prefix: str = "/v1/") -> int:
@@ -353,6 +360,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         status, resp, canvas, fault = fake.completion(body)
         self._log(canvas, fault, _budget(body, fake.dialect))  # on arrival: counts even if its caller is killed waiting
+        if fake.hold_from and fake.chat_requests >= fake.hold_from:
+            fake._released.wait()  # a known point to kill the client at, whatever the machine's speed
         if fake.delay_s:
             time.sleep(fake.delay_s)
         if fault == "429":

@@ -1,12 +1,15 @@
 """Real storage servers on loopback for the remote tests: an S3 API (moto's server) and OpenSSH's sshd.
 
-Each is started in its own process by the test, on a free 127.0.0.1 port, and stopped after it.
+Each is started in its own process by the test and stopped after it. That process binds 127.0.0.1 port 0
+itself and reports the port the kernel gave it (a file written once it listens): no port is picked first and
+bound later, when another process may have taken it.
 
 - S3: moto's server with request authentication on (`INITIAL_NO_AUTH_ACTION_COUNT`): the first
   three requests create an IAM user, its policy and its access key; every request after that must be
   signed with that key, so wrong credentials are refused as a real S3 refuses them. The bucket is
   created with the new key.
-- SSH: /usr/sbin/sshd with a generated host key, public-key login only, the generated user key as the
+- SSH: /usr/sbin/sshd in inetd mode (`sshd -i`, one per connection, as OpenSSH's own tests run it) behind a
+  small listener that binds port 0, with a generated host key, public-key login only, the generated user key as the
   only authorized key, internal SFTP. The client side (HOME/.ssh: id_ed25519, known_hosts) is in a
   throwaway HOME the tests point DVC at.
 """
@@ -19,6 +22,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +33,58 @@ SSHD = Path("/usr/sbin/sshd")
 START_S = 60  # moto imports a lot; a loaded 2-core machine needs the margin
 
 
-def free_port() -> int:
+# The S3 server: moto's own threaded server on port 0; the port it got goes to argv[1] once it listens.
+MOTO_MAIN = """
+import os, sys, threading
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(server.get_host_and_port()[1]))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+threading.Event().wait()
+"""
+
+# The SSH server: a listener on port 0 (reported in argv[1]) that hands each connection to `sshd -i`
+# (argv[2:]), the connection as its stdin and stdout; sshd's log goes to this process's stderr.
+SSHD_MAIN = """
+import os, socket, subprocess, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(listener.getsockname()[1]))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+children = []
+while True:
+    conn, _ = listener.accept()
+    children = [c for c in children if c.poll() is None]
+    children.append(subprocess.Popen(sys.argv[2:], stdin=conn, stdout=conn))
+    conn.close()
+"""
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port where nothing listens, held for the block: bound but not listening, so connections
+    are refused and no other process can start listening there meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+def serve(main: str, args: list[str], workdir: Path, name: str,
+          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """Run `python -c main PORT_FILE *args`, which binds port 0 and writes the port to PORT_FILE once it
+    listens; returns (process, port, log), or raises with the log's tail."""
+    port_file, log = workdir / f"{name}.port", workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", main, str(port_file), *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    if not wait_for(lambda: port_file.exists() or proc.poll() is not None, START_S, 0.05) or proc.poll() is not None:
+        stop(proc)
+        raise RuntimeError(f"{name} did not start:\n{log.read_text()[-2000:]}")
+    return proc, int(port_file.read_text()), log
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -64,17 +109,11 @@ class S3Server:
 def start_s3(workdir: Path, bucket: str) -> S3Server:
     import boto3
 
-    port = free_port()
-    log = workdir / "moto.log"
     # three unauthenticated requests set up the user; from the fourth on, S3 checks signatures
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc, port, log = serve(MOTO_MAIN, [], workdir, "moto", env)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        if not wait_for(lambda: listening(port) or proc.poll() is not None, START_S, 0.1) or proc.poll() is not None:
-            raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}")
         boot = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         iam = boto3.client("iam", **boot, aws_access_key_id="boot", aws_secret_access_key="boot")
         iam.create_user(UserName="dvc")
@@ -113,7 +152,7 @@ def keygen(path: Path) -> str:
 def sshd_missing() -> str | None:
     """Why the SSH server cannot run here, or None."""
     if not SSHD.exists():
-        return f"{SSHD} is not installed (`make setup` installs openssh-server with apt when run as root)"
+        return f"{SSHD} is not installed (`make test` installs openssh-server with apt when run as root)"
     if shutil.which("ssh-keygen") is None:
         return "ssh-keygen is not installed (Debian's openssh-client, a dependency of openssh-server)"
     return None
@@ -129,20 +168,17 @@ def start_sshd(workdir: Path) -> SSHServer:
     key = home / ".ssh" / "id_ed25519"
     keygen(key)
     (srv / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
-    port = free_port()
     (srv / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {srv / 'host_ed25519'}\nPidFile {srv / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {srv / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
+        f"HostKey {srv / 'host_ed25519'}\nAuthorizedKeysFile {srv / 'authorized_keys'}\nStrictModes no\nPubkeyAuthentication yes\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
         "Subsystem sftp internal-sftp\n")
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # Debian's sshd needs its privilege-separation directory
-    log = srv / "sshd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(srv / "sshd_config")], stdout=out, stderr=subprocess.STDOUT)
-    if not wait_for(lambda: listening(port) or proc.poll() is not None, START_S, 0.05) or proc.poll() is not None:
-        stop(proc)
-        raise RuntimeError(f"sshd did not start:\n{log.read_text()[-2000:]}")
+    # sshd checks its config and keys before serving: a bad one is an error here, not a refused login later
+    test = subprocess.run([str(SSHD), "-t", "-f", str(srv / "sshd_config")], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise RuntimeError(f"sshd refuses its config: {test.stderr.strip()}")
+    proc, port, log = serve(SSHD_MAIN, [str(SSHD), "-i", "-e", "-f", str(srv / "sshd_config")], srv, "sshd")
     server = SSHServer("127.0.0.1", port, getpass.getuser(), home, key, host_pub, proc, log)
     (home / ".ssh" / "known_hosts").write_text(server.known_hosts_line())
     return server

@@ -13,9 +13,9 @@ import yaml
 
 from src import bases, vlm
 from src.contract import Contract, VisionSpec
-from tests.conftest import ROOT, make_repo, run, set_param
+from tests.conftest import ROOT, make_repo, project_params, run, set_param
 
-C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+C = Contract.from_dict(project_params()["contract"])
 TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -33,7 +33,7 @@ AFTER_BASE = {"base", "finetune", "convert_gguf", "quantize_q8", "eval_parity", 
 
 
 def base_params(**over: object) -> dict:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["base"]
+    p = project_params()["base"]
     return {**p, **over}
 
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from src.contract import Contract, PromptSpec
+from tests.conftest import project_params
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACT = yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]
+CONTRACT = project_params()["contract"]
 
 
 def test_prompt_renders_the_app_string_with_each_runtime_marker() -> None:

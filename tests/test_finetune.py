@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from src import vlm
@@ -24,9 +23,9 @@ from src.demo import photo
 from src.records import sha256, write_bytes_atomic, write_jsonl
 from src.training import Example, Procs, answer_tokens, batch_loss, fingerprint, load_checkpoint, lora, \
     save_checkpoint, train_epoch, trainable
-from tests.conftest import BIN, ROOT, TINY_MODEL, copy_project
+from tests.conftest import BIN, TINY_MODEL, copy_project, project_params
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = project_params()
 C = Contract.from_dict(PARAMS["contract"])
 FT = PARAMS["finetune"]
 ONE = Procs(0, 1, torch.device("cpu"))

@@ -6,12 +6,11 @@ import copy
 from typing import Any
 
 import pytest
-import yaml
 
 from src.gates import class_coverage_gate, gates, quality_gates
-from tests.conftest import ROOT
+from tests.conftest import project_params
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = project_params()
 G = PARAMS["eval_parity"]
 Q = PARAMS["release"]
 

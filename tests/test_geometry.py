@@ -9,16 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from src import geometry, vlm
 from src.contract import Contract, VisionSpec
 from src.llama_build import convert
 from src.llama_runtime import LlamaVLM, expand
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import TINY_MODEL, project_params
 
-C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+C = Contract.from_dict(project_params()["contract"])
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
 TINY = vlm.BuilderSpec(**TINY_MODEL)
 OLD, NEW = VisionSpec(tile=128, longest_edge=256), VisionSpec(tile=64, longest_edge=128)

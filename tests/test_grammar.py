@@ -18,9 +18,9 @@ import llama_cpp
 from src.contract import Contract, TargetSpec
 from src.grammar import Constraint, GrammarError, admits, gbnf, literal
 from src.llama_runtime import silence
-from tests.conftest import ROOT
+from tests.conftest import project_params
 
-CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+CONTRACT = Contract.from_dict(project_params()["contract"])
 LABELS, TARGET = CONTRACT.labels, CONTRACT.target
 
 

@@ -11,8 +11,18 @@ import pytest
 import yaml
 
 from src import deps
-from src.params import ROOT, stage_params
-from tests.conftest import copy_project, run
+from src.params import ROOT, declared_keys, stage_params
+from src.schema import ParamsError, validate
+from tests.conftest import copy_project, project_params, run, set_param
+
+
+PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())
+
+
+def bump(version: str) -> str:
+    """Another version than the pin: its last number plus one."""
+    *head, last = str(version).split(".")
+    return ".".join([*head, str(int(last) + 1)])
 
 
 def stages() -> list[str]:
@@ -49,6 +59,27 @@ def test_a_missing_transitive_import_is_caught(tmp_path: Path) -> None:
     assert "src/geometry.py" in next(iter(missing.values()))
 
 
+def test_a_stale_dep_is_caught(tmp_path: Path) -> None:
+    """A code dep that no import reaches (left behind when an import went) reruns the stage for nothing."""
+    assert "src/llama_runtime.py" not in deps.code_deps("split")
+    split = "python -m src.stages.split ${paths.label} ${paths.split}\n    deps:\n"
+    text = (ROOT / "dvc.yaml").read_text()
+    assert split in text
+    (tmp_path / "dvc.yaml").write_text(text.replace(split, split + "      - src/llama_runtime.py\n"))
+    assert deps.diff(tmp_path / "dvc.yaml") == {"split": ([], ["src/llama_runtime.py"])}
+
+
+def test_relative_imports_are_followed(tmp_path: Path) -> None:
+    """`from .. import x` and `from .x import y` import src files as surely as `from src import x` does."""
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    split = tmp_path / deps.STAGES / "split.py"
+    split.write_text(split.read_text().replace("from src.params import", "from .. import geometry\nfrom src.params import"))
+    (tmp_path / "src" / "geometry.py").write_text("from .teacher.request import x\n")
+    found = set(deps.code_deps("split", tmp_path))
+    assert {"src/geometry.py", "src/teacher/__init__.py", "src/teacher/request.py"} <= found
+    assert "src/geometry.py" not in deps.code_deps("split")  # the real split imports neither
+
+
 def test_write_restores_what_a_hand_edit_dropped(tmp_path: Path) -> None:
     text = (ROOT / "dvc.yaml").read_text()
     (tmp_path / "dvc.yaml").write_text(text.replace("      - src/geometry.py\n", ""))
@@ -69,13 +100,15 @@ def stale_after(repo: Path, tmp_path: Path, edit: str, old: str, new: str) -> se
 @pytest.mark.slow
 def test_a_llama_cpp_upgrade_reruns_conversion_and_reproves_parity_and_nothing_upstream(
         tiny_repo: Path, tmp_path: Path) -> None:
-    assert stale_after(tiny_repo, tmp_path, "runtime.yaml", 'llama_cpp_python: "0.3.36"', 'llama_cpp_python: "0.3.37"') \
+    pin = PINS["llama_cpp_python"]
+    assert stale_after(tiny_repo, tmp_path, "runtime.yaml", f'llama_cpp_python: "{pin}"', f'llama_cpp_python: "{bump(pin)}"') \
         == {"convert_gguf", "quantize_q8", "eval_parity", "release"}
 
 
 @pytest.mark.slow
 def test_a_transformers_upgrade_reruns_training_and_everything_after(tiny_repo: Path, tmp_path: Path) -> None:
-    stale = stale_after(tiny_repo, tmp_path, "runtime.yaml", 'transformers: "5.23.0"', 'transformers: "5.24.0"')
+    pin = PINS["transformers"]
+    stale = stale_after(tiny_repo, tmp_path, "runtime.yaml", f'transformers: "{pin}"', f'transformers: "{bump(pin)}"')
     assert "finetune" in stale and {"convert_gguf", "eval_parity", "release"} <= stale
     assert not stale & {"download", "resize256", "label", "split"}
 
@@ -83,20 +116,113 @@ def test_a_transformers_upgrade_reruns_training_and_everything_after(tiny_repo: 
 def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = copy_project(tmp_path / "repo", {})
     pins = root / "runtime.yaml"
-    pins.write_text(pins.read_text().replace('transformers: "5.23.0"', 'transformers: "9.9.9"'))
+    pin = PINS["transformers"]
+    assert f'transformers: "{pin}"' in pins.read_text()
+    pins.write_text(pins.read_text().replace(f'transformers: "{pin}"', 'transformers: "9.9.9"'))
     assert "runtime" not in stage_params("split", root)  # a stage that declares no pin is not held back
     with pytest.raises(SystemExit) as e:
         stage_params("finetune", root)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "runtime.yaml: transformers = '9.9.9': installed is 5.23.0; expected the pinned version "
+        f"runtime.yaml: transformers = '9.9.9': installed is {pin}; expected the pinned version "
         "(run `make setup`, which installs runtime.yaml's pins)")
 
 
 def readme_commands(text: str) -> list[str]:
-    """The README's shell lines, continuation lines joined."""
+    """The README's commands: its shell lines (continuation lines joined, comments dropped, `&&` chains and
+    environment prefixes split off) and its inline code spans that start with a command this project drives."""
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    lines = [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    spans = [" ".join(c.split()) for c in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))]
+    starts = ("make ", "dvc ", "gto ", "python -m ", ".venv/bin/python -m ", ".venv/bin/torchrun ")
+    commands = []
+    for c in [c for c in lines if c] + [c for c in spans if c.startswith(starts)]:
+        for part in re.split(r"&&|\|\||;|\(|\)", c):  # `rm -rf X && dvc get ...`: each command on its own
+            words = part.split()
+            while words and re.match(r"^[A-Z_]+=", words[0]):  # `AWS_ACCESS_KEY_ID=... dvc ...`: the command
+                words.pop(0)
+            if words:
+                commands.append(" ".join(words))
+    return commands
+
+
+def readme_problems(text: str, home: Path) -> list[str]:
+    """What in the README's commands names something the repository lacks: a make target, a stage, a module or
+    its option, an artifact, a DVC output; a `-S key=value` a stage does not declare or the schema refuses
+    (the overrides of one command are validated together, `$HOME` read as `home`)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = dvc["vars"][0]["paths"]
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    declared = {k for st in stages() for k in declared_keys(st, ROOT / "dvc.yaml")}
+    problems = []
+    for c in readme_commands(text):
+        words = c.split()
+        for i, w in enumerate(words):
+            if w in ("make", "dvc", "gto", "-m", "-S") and i + 1 < len(words):
+                words[i + 1] = words[i + 1].strip("\"'")
+        if words[0] == "make":
+            problems += [f"{c}: no make target {t!r}" for t in words[1:] if not t.startswith("-") and t not in targets]
+        if m := re.search(r"-m ([\w.]+)(?=\s|$)(.*)", c):  # not `-m src.stages.<stage>`, a placeholder
+            module, rest = m.group(1), m.group(2).split()
+            if module.split(".")[0] in ("src", "bench"):
+                f = ROOT / (module.replace(".", "/") + ".py")
+                if not f.exists():
+                    problems.append(f"{c}: no module {module}")
+                elif not module.startswith("src.stages."):  # a stage's arguments are checked against dvc.yaml
+                    source = f.read_text()
+                    problems += [f"{c}: {module} has no option {w}" for w in rest
+                                 if w.startswith("--") and f'"{w.split("=")[0]}"' not in source]
+                    if rest and not rest[0].startswith("-") and "add_parser" in source \
+                            and f'add_parser("{rest[0]}"' not in source:
+                        problems.append(f"{c}: {module} has no command {rest[0]!r}")
+        if re.match(r"dvc (repro|commit)\b", c):
+            problems += [f"{c}: no stage {w!r}" for w in c.split()[2:] if not w.startswith("-") and w not in dvc["stages"]]
+        if m := re.match(r"(?:dvc artifacts get \S+|gto \w+) ([\w-]+)", c):
+            if m.group(1) not in dvc["artifacts"]:
+                problems.append(f"{c}: no artifact {m.group(1)!r}")
+        if m := re.match(r"dvc get \S+ (\S+)", c):
+            if m.group(1) not in paths.values():
+                problems.append(f"{c}: {m.group(1)} is no path of dvc.yaml")
+        if re.match(r"dvc (exp run|repro)\b", c):
+            params = project_params()
+            overrides = [w for prev, w in zip(c.split(), c.split()[1:]) if prev == "-S"]
+            for o in overrides:
+                key, _, value = o.strip("\"'").partition("=")
+                if key not in declared:
+                    problems.append(f"{c}: -S {key}: no stage declares it")
+                    continue
+                value = value.replace("$HOME", str(home))
+                set_param(params, key, yaml.safe_load(value))
+                if key.endswith(".path") and value.startswith(str(home)):
+                    (Path(value) / "fire").mkdir(parents=True, exist_ok=True)  # the user's photos, one folder per class
+            try:
+                validate(params)
+            except ParamsError as e:
+                problems += [f"{c}: {line}" for line in e.lines]
+    return problems
+
+
+def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    commands = readme_commands(text)
+    assert sum(" -S " in c for c in commands) >= 3 and any(c.startswith("make ") for c in commands)  # it reads them
+    assert readme_problems(text, tmp_path) == []
+    # the same check on a README with one mistake of each kind
+    broken = ("```bash\nmake tests\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
+              "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.reading a.jpg --bundel b\n"
+              "python -m src.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
+    assert [p.split(": ", 1)[1] for p in readme_problems(broken, tmp_path)] == [
+        "no make target 'tests'",
+        "-S finetune.epoch: no stage declares it",
+        "params.yaml: finetune.epochs = 0: should be greater than or equal to 1; expected >= 1",
+        "params.yaml: contract.vision.longest_edge = 128: below 2 x tile (512): transformers and llama.cpp would "
+        "lay the image out differently; expected at least 512",
+        "no stage 'finetun'",
+        "src.reading has no option --bundel",
+        "src.remotes has no command 'chek'",
+        "models/relase is no path of dvc.yaml",
+        "no artifact 'element-clasifier'",
+    ]
 
 
 def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
@@ -107,7 +233,7 @@ def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> Non
     expected = {name: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], " ".join(s["cmd"].split()))
                 for name, s in dvc["stages"].items()}
     commands = readme_commands((ROOT / "README.md").read_text())
-    by_hand = [c for c in commands if " -m src.stages." in c]
+    by_hand = [c for c in commands if re.search(r" -m src\.stages\.\w", c)]
     assert by_hand, "the README runs no stage by hand: nothing checked"
     for c in by_hand:
         stage = re.search(r"-m src\.stages\.(\w+)", c).group(1)

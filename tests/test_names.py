@@ -12,16 +12,15 @@ import io
 import json
 from pathlib import Path
 
-import yaml
 
 from src import demo
 from src.records import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256, split
 from src.stages.eval_parity import Row, images_csv
 from src.contract import Contract
-from tests.conftest import ROOT
+from tests.conftest import project_params
 
-CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+CONTRACT = Contract.from_dict(project_params()["contract"])
 LABELS, SPEC = CONTRACT.labels, CONTRACT.canvas
 LABEL_PARAMS = {"contract": {"labels": list(LABELS)}, "label": {"provider": "manifest", "max_failure_rate": 0.0}}
 N = 3 * len(LABELS)  # three photos a class: with these shares, one in each part

@@ -29,7 +29,7 @@ import yaml
 
 from tests.conftest import BIN, ROOT
 from src.remotes import redact
-from tests.remote_servers import SSHServer, S3Server, free_port, keygen, sshd_missing, start_s3, start_sshd, stop
+from tests.remote_servers import SSHServer, S3Server, closed_port, keygen, sshd_missing, start_s3, start_sshd, stop
 
 NAME = "element-classifier"
 VERSION = "v0.1.0"
@@ -63,10 +63,20 @@ class Shell:
         return res
 
 
+# Where a program run as a user may write besides the repository (clean_env points each under the test's
+# folder): searched for secrets after each round trip.
+USER_DIRS = ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "TMPDIR")
+WRITABLE = ("HOME", *USER_DIRS, "DVC_SITE_CACHE_DIR")
+
+
 def clean_env(tmp: Path, home: Path) -> dict[str, str]:
-    """No credentials, config or caches from the machine: a throwaway HOME and DVC site cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SSH_", "DVC_", "GIT_"))}
+    """No credentials, config or caches from the machine: a throwaway HOME, XDG folders, temp folder and
+    DVC site cache, all under `tmp` (or `home`), so the secret search can read everything the commands wrote."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SSH_", "DVC_", "GIT_", "XDG_"))}
     home.mkdir(parents=True, exist_ok=True)
+    for name in USER_DIRS:
+        env[name] = str(tmp / "user" / name.lower())
+        Path(env[name]).mkdir(parents=True, exist_ok=True, mode=0o700)
     env.update({"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "HOME": str(home),
                 "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp / "site-cache"),
                 "AWS_SHARED_CREDENTIALS_FILE": str(home / ".aws" / "credentials"),
@@ -110,7 +120,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (`make setup` installs it)")
     server = start_s3(tmp_path_factory.mktemp("s3"), BUCKET)
     yield server
     stop(server.proc)
@@ -185,15 +194,19 @@ def git_objects(repo: Path) -> bytes:
                           check=True).stdout
 
 
-def assert_secret_nowhere(secret: str, tmp: Path, sh: Shell, server_logs: list[Path]) -> None:
-    roots = [tmp / "team", tmp / "origin.git", tmp / "clone", tmp / "app", tmp / "site-cache"]
+def secret_holders(secret: str, tmp: Path, env: dict[str, str], server_logs: list[Path]) -> list[Path]:
+    """The files holding `secret` in the round trip's repositories, the servers' logs and every folder of
+    WRITABLE, except .dvc/config.local, where `dvc remote modify --local` keeps credentials (git ignores it)."""
+    roots = [tmp / "team", tmp / "origin.git", tmp / "clone", tmp / "app"] + [Path(env[k]) for k in WRITABLE]
+    return [p for p in files_holding(secret.encode(), roots + server_logs) if p.parts[-2:] != (".dvc", "config.local")]
+
+
+def assert_secret_nowhere(secret: str, tmp: Path, sh: Shell, server_logs: list[Path], allowed: tuple[Path, ...] = ()) -> None:
     for repo in ("team", "origin.git", "clone"):
         objects = git_objects(tmp / repo)
         assert b"['remote \"team\"']" in objects  # the search sees the committed .dvc/config
         assert secret.encode() not in objects, repo
-    holders = files_holding(secret.encode(), roots + server_logs)
-    # .dvc/config.local is where `dvc remote modify --local` keeps credentials; git ignores it (checked above)
-    assert [p for p in holders if p.relative_to(tmp).parts[-2:] != (".dvc", "config.local")] == []
+    assert [p for p in secret_holders(secret, tmp, sh.env, server_logs) if p not in allowed] == []
     assert not any(secret in text for text in sh.printed)
     assert (tmp / "site-cache").is_dir() and any((tmp / "site-cache").rglob("*"))  # the search looked somewhere real
 
@@ -226,7 +239,19 @@ def test_ssh_push_pull_and_app_build_get(sshd: SSHServer, template: Path, tmp_pa
     assert (store / "files" / "md5").is_dir()
     # the private key's body is the secret; only the key file itself holds it
     body = max(sshd.key.read_text().splitlines(), key=len)
-    assert_secret_nowhere(body, tmp_path, sh, [sshd.log])
+    assert_secret_nowhere(body, tmp_path, sh, [sshd.log], allowed=(sshd.key,))
+
+
+def test_the_secret_search_reads_home_xdg_temp_and_the_site_cache(tmp_path: Path) -> None:
+    """A secret left in any folder a command may write to is found (and one in .dvc/config.local is allowed)."""
+    env = clean_env(tmp_path, tmp_path / "home")
+    assert [k for k in WRITABLE if not Path(env[k]).is_relative_to(tmp_path)] == []  # nothing of the machine's
+    secret = "sk-LEAK-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()
+    leaks = [Path(env[k]) / "sub" / f"{k}.txt" for k in WRITABLE] + [tmp_path / "clone" / ".dvc" / "tmp" / "x"]
+    for p in leaks + [tmp_path / "clone" / ".dvc" / "config.local"]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"key = {secret}\n")
+    assert sorted(secret_holders(secret, tmp_path, env, [])) == sorted(leaks)
 
 
 # --- broken remotes -------------------------------------------------------------------------------
@@ -262,11 +287,12 @@ S3_CASES = {
 def test_s3_broken_remote_gets_one_clear_line(case: str, s3: S3Server, template: Path, tmp_path: Path) -> None:
     conf, env_over, cause = S3_CASES[case]
     remote = {"url": f"s3://{BUCKET}/smolvlm-elements", "endpointurl": s3.endpoint}
-    remote.update({k: v.format(closed=free_port()) for k, v in conf.items()})
     sh = Shell(clean_env(tmp_path, tmp_path / "home"))
     env = {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret, **env_over}
-    url, endpoint = remote["url"], remote["endpointurl"]
-    _, line, codes = broken(template, tmp_path, sh, dict(remote), **env)
+    with closed_port() as closed:
+        remote.update({k: v.format(closed=closed) for k, v in conf.items()})
+        url, endpoint = remote["url"], remote["endpointurl"]
+        _, line, codes = broken(template, tmp_path, sh, dict(remote), **env)
     assert codes // 1000 != 0, "dvc push should fail"
     assert codes % 1000 == 1
     assert line == f"remote bad ({url}, endpoint {endpoint}): {cause}" or (
@@ -290,9 +316,9 @@ def test_s3_check_says_ok_for_a_good_remote(s3: S3Server, template: Path, tmp_pa
 @pytest.mark.slow
 def test_ssh_wrong_endpoint(sshd: SSHServer, template: Path, tmp_path: Path) -> None:
     sh = Shell(clean_env(tmp_path, sshd.home))
-    port = free_port()
-    url = f"ssh://{sshd.user}@{sshd.host}:{port}{tmp_path}/store"
-    _, line, codes = broken(template, tmp_path, sh, {"url": url, "keyfile": str(sshd.key)})
+    with closed_port() as port:
+        url = f"ssh://{sshd.user}@{sshd.host}:{port}{tmp_path}/store"
+        _, line, codes = broken(template, tmp_path, sh, {"url": url, "keyfile": str(sshd.key)})
     assert codes == 255 * 1000 + 1
     assert line == f"remote bad ({url}): cannot connect to {sshd.host}:{port}: connection refused (no SSH server listens there)"
 
