@@ -12,8 +12,8 @@ RUNTIME_PINS := $(TORCH) transformers==$(call pin,transformers) peft==$(call pin
 LLAMA_CPP := $(call pin,llama_cpp_python)
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 # The wheel is built with runtime.yaml's fixed flags (no -march=native): cache it per version and flags,
-# outside the clone, so a fresh clone reuses it and a change of flags builds anew. `make clean-venv setup
-# LLAMA_CMAKE=-DGGML_NATIVE=ON` builds for this CPU only: eval_parity and release refuse that build.
+# outside the clone, so a fresh clone reuses it and a change of flags builds anew. `LLAMA_CMAKE=-DGGML_NATIVE=ON
+# make clean-venv setup` builds for this CPU only: eval_parity and release refuse that build.
 LLAMA_CMAKE ?= $(call pin,llama_cpp_cmake)
 BUILD_ID := $(shell printf '%s' '$(LLAMA_CPP) $(LLAMA_CMAKE)' | md5sum | cut -c1-8)
 WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(BUILD_ID)
