@@ -41,6 +41,7 @@ from src.canvas import BadImage, render_png
 from src.contract import CanvasSpec
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.report import name_refused
 
 JOURNAL = "journal.jsonl"
 RESULT_KEYS = ("status", "cause", "reason", "canvas", "canvas_sha256")
@@ -135,6 +136,9 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
     write_json(out / "summary.json", summary)
     print(f"resize256: {summary['inputs']} inputs = {summary['written']} written + {summary['rejected']} rejected "
           f"{summary['rejected_by']}; {resumed} resumed -> {out}/records.jsonl, {out}/canvases/")
+    named = name_refused("resize256", "rejected", [f"{r['name']}: {r['reason']}" for r in rejected], out / "records.jsonl")
+    if named:
+        print(named)
     return summary
 
 
