@@ -23,7 +23,7 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: setup repro test test-quick bench clean-venv sshd
+.PHONY: setup check repro test test-quick bench clean-venv sshd
 
 setup: $(STAMP)
 
@@ -52,7 +52,11 @@ sshd:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; } || \
 	  echo "openssh-server not installed (needs root and apt): the SSH remote tests will skip"
 
-repro: setup
+# DVC reads params.yaml and the source paths before any stage can say what is wrong with them: check first.
+check: setup
+	$(PY) -m src.check
+
+repro: check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 test: setup sshd
