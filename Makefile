@@ -27,7 +27,7 @@ PYTEST := $(PY) -m pytest -q
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml Makefile
+$(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
@@ -42,6 +42,8 @@ $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtim
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	printf '%s\n' '$(LLAMA_CMAKE)' > .venv/llama_cpp_cmake
 	$(PY) -m src.llama_build unpack $(SDIST)
+# this clone, editable: `smolvlm-read` runs from any folder and runs the code here (its egg-info is gitignored)
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 # The SSH remote tests run OpenSSH's sshd on loopback (tests/remote_servers.py): the test targets install it
