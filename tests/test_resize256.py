@@ -309,6 +309,16 @@ def test_phone_formats_heic_and_multi_frame_files_become_the_app_canvas(tmp_path
         assert np.abs(c - np.asarray(android_canvas(other, SPEC)).astype(int)).mean() > 40, name
 
 
+@pytest.mark.parametrize("exif", ["ignore", "apply"])
+def test_a_heic_rotation_is_part_of_its_image_whatever_canvas_exif_says(exif: str) -> None:
+    """A portrait phone photo is landscape pixels plus a HEIF rotation (irot), which the HEIF standard makes part
+    of the image: libheif applies it under either `contract.canvas.exif`, which governs EXIF orientation only."""
+    exif_tag = Image.Exif()
+    exif_tag[0x0112] = 6  # pillow-heif writes this as the file's irot box, as a phone does
+    data = save(Image.new("RGB", (40, 20), (200, 200, 0)), "HEIF", exif=exif_tag.tobytes())
+    assert decode(data, dataclasses.replace(SPEC, exif=exif)).size == (20, 40)
+
+
 def test_rejected_photos_are_named_on_the_console_with_their_cause(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = {f"junk{i:02d}.jpg": b"<html>%d</html>" % i for i in range(12)}

@@ -25,7 +25,9 @@ download.http.snapshot stays the same. A new snapshot revalidates every stored U
 conditional GET (If-None-Match / If-Modified-Since): 304 keeps the stored file. The
 manifest is written atomically at the end, then the journal and unreferenced files are
 removed, so a resumed run leaves the same bytes as an uninterrupted one. The stage exits
-non-zero when the failure rate exceeds download.max_failure_rate.
+non-zero when the failure rate exceeds download.max_failure_rate. The console names every failed
+item with its cause (the first ten, then a count), and the work line counts the photos of the last
+run that are gone from the source (`removed`).
 """
 
 from __future__ import annotations

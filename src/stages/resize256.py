@@ -13,7 +13,8 @@ every byte is a function of the input bytes and the contract. A bad file (not an
 truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
 input) becomes a rejected record with a fixed `cause` (one of CAUSES) and a `reason`
 that says what exactly; it never stops the stage. `name` is the photo as the user
-knows it (download's name: a relative path, a URL), carried on for every later message.
+knows it (download's name: a relative path, a URL), carried on for every later message; the
+console names every rejected photo with its reason (the first ten, then a count).
 Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a killed
 run, rerun, renders only what the journal lacks. The output persists between runs
 (dvc.yaml `persist`): under the same canvas contract (summary.json `spec`), a photo
