@@ -95,9 +95,9 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
     What the app's BitmapFactory does, step by step: identify by content (never
     by extension), refuse more than `spec.max_pixels` before decoding any pixel,
     decode only the image a gallery shows (frame 0 of an animated GIF / WebP / APNG or a
-    multipage TIFF, the primary image of a HEIF file: `src.formats.shown_frame`), rotate by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey
-    to 8-bit RGB(A). Every refusal carries its cause, one of CAUSES, so records
-    can be counted by cause.
+    multipage TIFF, the primary image of a HEIF file: `src.formats.shown_frame`), rotate
+    by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey to 8-bit RGB(A).
+    Every refusal carries its cause, one of CAUSES, so records can be counted by cause.
     """
     if not data:
         raise BadImage("empty file", "0 bytes")

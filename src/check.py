@@ -75,6 +75,8 @@ def _get(params: dict[str, Any], dotted: str) -> Any:
 
 def problems(params_path: Path, dvc_yaml: Path) -> list[str]:
     """One line per problem, the schema's first; [] when DVC and every stage can start."""
+    if not dvc_yaml.is_file():
+        return [f"{dvc_yaml}: no such file; expected the pipeline (run the check in the repository root)"]
     params, lines = read_params(params_path)
     if params is None:
         return lines
