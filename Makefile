@@ -24,11 +24,11 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: setup repro test test-quick bench clean-venv sshd
+.PHONY: setup check repro test test-quick bench clean-venv sshd
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml Makefile
+$(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
@@ -43,6 +43,8 @@ $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtim
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	printf '%s\n' '$(LLAMA_CMAKE)' > .venv/llama_cpp_cmake
 	$(PY) -m src.llama_build unpack $(SDIST)
+# this clone, editable: `smolvlm-read` runs from any folder and runs the code here (its egg-info is gitignored)
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 # The SSH remote tests run OpenSSH's sshd on loopback (tests/remote_servers.py): the test targets install it
@@ -56,7 +58,11 @@ sshd:
 	test -x $(SSHD) || { echo "openssh-server not installed (needs apt, as root or with sudo): the SSH remote tests skip" >&2; \
 	  case "$${CI:-}" in true|1) echo "CI=$$CI: every test must run; install openssh-server first" >&2; exit 1;; esac; }
 
-repro: setup
+# DVC reads params.yaml and the source paths before any stage can say what is wrong with them: check first.
+check: setup
+	$(PY) -m src.check
+
+repro: check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 test: setup sshd

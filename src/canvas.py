@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from src.contract import CanvasSpec
+from src.formats import shown_frame  # importing it also lets Pillow read HEIC/HEIF
 
 
 class BadImage(ValueError):
@@ -93,10 +94,10 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
 
     What the app's BitmapFactory does, step by step: identify by content (never
     by extension), refuse more than `spec.max_pixels` before decoding any pixel,
-    decode the first frame only (animated GIF / WebP / APNG, multi-page TIFF),
-    rotate by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey
-    to 8-bit RGB(A). Every refusal carries its cause, one of CAUSES, so records
-    can be counted by cause.
+    decode only the image a gallery shows (frame 0 of an animated GIF / WebP / APNG or a
+    multipage TIFF, the primary image of a HEIF file: `src.formats.shown_frame`), rotate
+    by EXIF only if `spec.exif == "apply"`, bring CMYK, 16-bit and grey to 8-bit RGB(A).
+    Every refusal carries its cause, one of CAUSES, so records can be counted by cause.
     """
     if not data:
         raise BadImage("empty file", "0 bytes")
@@ -116,10 +117,12 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.seek(0)  # animated: the first frame, as BitmapFactory decodes it
+            img.seek(shown_frame(img))  # several images: the one BitmapFactory decodes
             img.load()
     except Exception as e:
         raise BadImage("truncated or corrupt", f"{fmt}: {type(e).__name__}: {e}") from None
+    # HEIF's own rotation and mirroring (irot/imir boxes) are part of the image in the HEIF standard:
+    # libheif always applies them and pillow-heif resets the EXIF tag to 1, so `apply` cannot rotate twice.
     if spec.exif == "apply":
         try:
             img = ImageOps.exif_transpose(img)

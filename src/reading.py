@@ -10,6 +10,8 @@ Inputs:  PHOTO... (one or more; a reading is made of three), --bundle DIR (defau
 Outputs: stdout: the elements and the reading, or with --json one JSON object for machines.
          A bad photo is reported on stderr as `reading: PATH: cause` and exits 2, before any model loads.
 Command: python -m src.reading photo1.jpg photo2.jpg photo3.jpg [--bundle models/release] [--json]
+         smolvlm-read photo1.jpg photo2.jpg photo3.jpg --bundle DIR [--json]   (from any folder: the entry
+         point `make setup` installs into .venv, see pyproject.toml)
 
 The relations, with land standing where earth stands in the classical cycles:
   generating (each feeds the next): wood -> fire -> land -> metal -> water -> wood
@@ -177,6 +179,15 @@ def render(photos: list[Path], results: list[dict[str, Any]], reading: dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line (`python -m src.reading`, `smolvlm-read`): a bad photo or bundle is one line each, exit 2."""
+    try:
+        run(argv)
+    except ReadingError as e:
+        print(e.code, file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("photos", type=Path, nargs="+", metavar="PHOTO")
     ap.add_argument("--bundle", type=Path, help="release bundle directory (default: dvc.yaml paths.release)")
@@ -197,8 +208,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ReadingError as e:
-        print(e.code, file=sys.stderr)
-        sys.exit(2)
+    main()

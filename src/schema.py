@@ -396,7 +396,8 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return "{...}"
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    # text is shown whole (repr keeps it on one line): a long path cut short would hide which folder is missing
+    return text if len(text) <= 80 or isinstance(value, str) else text[:77] + "..."
 
 
 def _expected(err: dict[str, Any]) -> str:

@@ -232,6 +232,35 @@ def test_hf_dataset_source_built_in_process(tmp_path: Path) -> None:
 
 # ---- the source as DVC knows it: a real DVC repo, the download stage alone --------------------------
 
+def test_a_photo_gone_from_the_folder_is_counted_as_removed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(image_bytes(i))
+    out = tmp_path / "dl"
+    run(folder_items(photos, False, ()), out, tmp_path / "m.json", FAST, 0.0)
+    (photos / "1.jpg").unlink()
+    capsys.readouterr()
+    run(folder_items(photos, False, ()), out, tmp_path / "m.json", FAST, 0.0)
+    assert "2 ok (0 duplicates), 0 failed; work: fetched 0, decoded 0, revalidated 0, unchanged 2, current 0, " \
+           "failed 0, removed 1 ->" in capsys.readouterr().out
+    assert [r["name"] for r in read_jsonl(out / "manifest.jsonl")] == ["0.jpg", "2.jpg"]
+    run(folder_items(photos, False, ()), out, tmp_path / "m.json", FAST, 0.0)
+    assert ", removed 0 ->" in capsys.readouterr().out  # counted once: against the last run's output
+
+
+def test_failed_urls_are_named_on_the_console_with_their_cause(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    routes = {"/ok.jpg": ok(image_bytes(0)), "/gone.jpg": status(404), "/page.jpg": ok(HTML)}
+    with LoopbackServer(routes) as srv:
+        capsys.readouterr()
+        run(manifest_items(write_manifest(tmp_path / "urls.jsonl", [srv.url(p) for p in routes])), tmp_path / "dl",
+            tmp_path / "m.json", FAST, max_failure_rate=1.0)
+        said = capsys.readouterr().out
+        assert (f"download: 2 failed (every one with its cause in {tmp_path / 'dl' / 'manifest.jsonl'}):\n"
+                f"  {srv.url('/gone.jpg')}: HTTP 404 Not Found\n"
+                f"  {srv.url('/page.jpg')}: not an image: {len(HTML)} bytes starting ") in said
+
+
 def dvc_status(repo: Path) -> dict:
     return json.loads(run_cmd(["dvc", "status", "download", "--json"], repo).stdout or "{}")
 
@@ -265,7 +294,8 @@ def test_folder_source_photo_added_or_removed_makes_download_stale_and_only_it_i
 
     (photos / "fire" / "0.jpg").unlink()
     assert "download" in dvc_status(repo)
-    assert "decoded 0, revalidated 0, unchanged 4" in run_cmd(["dvc", "repro", "download"], repo).stdout
+    assert "decoded 0, revalidated 0, unchanged 4, current 0, failed 0, removed 1 ->" in run_cmd(
+        ["dvc", "repro", "download"], repo).stdout
     names = [r["name"] for r in read_jsonl(repo / "data/download/manifest.jsonl")]
     assert names == ["fire/1.jpg", "water/2.jpg", "water/3.jpg", "water/new.jpg"]
     assert len(list((repo / "data/download/images").iterdir())) == 4  # the removed photo's file is gone too

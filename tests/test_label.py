@@ -103,7 +103,7 @@ def test_default_provider_is_manifest_and_needs_no_key_or_network(tmp_path: Path
         "id", "name", "canvas", "canvas_sha256", "element", "status", "error", "provider", "reason"}
 
 
-def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path) -> None:
+def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_canvases(tmp_path / "resize256", 6)
     recs = read_jsonl(tmp_path / "resize256/records.jsonl")
     sha0 = recs[0]["canvas_sha256"]
@@ -114,7 +114,11 @@ def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path) -> N
     write_jsonl(tmp_path / "resize256/records.jsonl", recs)
     p = params_for("label")
     p["label"]["max_failure_rate"] = 0.5
+    capsys.readouterr()
     m = run_stage(tmp_path, p, ov)
+    # below the gate too, the failed canvas is named on the console with its cause
+    assert (f"label: 1 failed (every one with its cause in {tmp_path / 'label' / 'labels.jsonl'}):\n"
+            "  img-002: source label 'plasma' is not one of") in capsys.readouterr().out
     rows = {r["id"]: r for r in read_jsonl(tmp_path / "label/labels.jsonl")}
     by_sha = labels_by_sha(tmp_path)
     assert by_sha[sha0]["element"] == "metal" and by_sha[sha0]["provider"] == "override"

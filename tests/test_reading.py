@@ -53,6 +53,13 @@ def reading_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "src.reading", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def smolvlm_read() -> Path:
+    """The client's entry point, as `make setup` installs it into the venv (pyproject.toml [project.scripts])."""
+    script = Path(sys.executable).parent / "smolvlm-read"
+    assert script.is_file(), f"{script}: not installed; `make setup` installs this clone into the venv"
+    return script
+
+
 def test_the_cycles_are_the_classical_ones_with_land_for_earth() -> None:
     chain = ["wood"]
     for _ in range(5):
@@ -136,3 +143,20 @@ def test_cli_names_a_missing_bundle(tmp_path: Path) -> None:
 def test_default_bundle_is_the_release_path_of_dvc_yaml() -> None:
     vars_ = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"]
     assert default_bundle(ROOT / "dvc.yaml") == Path(vars_[0]["paths"]["release"])
+
+
+def test_the_installed_client_runs_from_any_folder_on_a_fetched_bundle(tmp_path: Path) -> None:
+    """`smolvlm-read` from a folder outside the repository (no dvc.yaml, no PYTHONPATH): relative photo and
+    bundle paths are the user's, and a bad photo is still one line and exit 2 before any model loads."""
+    app = tmp_path / "my app"
+    stub_bundle(app / "bundle")
+    photo(app / "ok.jpg")
+    (app / "bad.jpg").write_bytes(b"<html>not a photo</html>")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(smolvlm_read()), "ok.jpg", "bad.jpg", "--bundle", "bundle"], cwd=app, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("reading: bad.jpg: not an image: "), res.stderr
+    assert "Traceback" not in res.stderr and "ok.jpg" not in res.stderr
+    res = subprocess.run([str(smolvlm_read()), "ok.jpg"], cwd=app, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr == ("reading: no --bundle given and no dvc.yaml here to find the release "
+                                                  "stage's output\n")

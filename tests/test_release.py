@@ -195,9 +195,10 @@ def test_version_pushed_tagged_and_got_by_dvc_alone_reads_as_eval_parity(
     photos = {i: repo / p["download"] / manifest[i]["path"] for i in expected}
     ids = sorted(photos)
     assert len(ids) >= 10
-    # run from the app's directory: nothing but the pulled bundle and the photos
-    res = subprocess.run([sys.executable, "-m", "src.reading", *[str(photos[i]) for i in ids], "--bundle", str(bundle),
-                          "--json"], cwd=app, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True)
+    # run from the app's directory, by the entry point `make setup` installs: nothing but the pulled bundle and the photos
+    res = subprocess.run([str(Path(sys.executable).parent / "smolvlm-read"), *[str(photos[i]) for i in ids],
+                          "--bundle", "bundle", "--json"], cwd=app,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     got = dict(zip(ids, out["elements"], strict=True))

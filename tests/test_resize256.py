@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from src.stages import download, resize256
-from src.canvas import BadImage, canvas_png, decode, to_canvas
+from src.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
 from src.contract import CanvasSpec, Contract
 from src.records import read_jsonl, sha256
 from src.sources import folder_items
@@ -250,3 +250,86 @@ def test_a_rerun_renders_only_new_photos_and_a_new_contract_renders_all(
     assert tree(out) == tree(tmp_path / "clean")
     resize256.run(dl, out, dataclasses.replace(SPEC, size=SPEC.size // 2), 1)
     assert "; 0 resumed ->" in capsys.readouterr().out
+
+
+def photo_like(w: int, h: int, seed: int) -> Image.Image:
+    """Smooth gradients with a little noise: something a lossy phone codec keeps close, unlike pure noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(seed).integers(-12, 12, (h, w, 3))
+    rgb = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 9.0 + seed)], -1) + noise
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def heif_bytes(frames: list[Image.Image], primary: int = 0) -> bytes:
+    """A HEIC file as a phone writes it (HEVC via pillow-heif's libheif and x265), `primary` the shown image."""
+    import pillow_heif  # the plugin the pipeline reads HEIC with; it also writes it
+
+    heif = pillow_heif.from_pillow(frames[0])
+    for f in frames[1:]:
+        heif.add_from_pillow(f)
+    buf = io.BytesIO()
+    heif.save(buf, quality=90, primary_index=primary)
+    return buf.getvalue()
+
+
+def test_phone_formats_heic_and_multi_frame_files_become_the_app_canvas(tmp_path: Path) -> None:
+    """HEIC (one image, and a burst whose primary image is not the first), AVIF, a multipage TIFF and an
+    animated WebP go through download and resize256; each canvas is the Skia drawing of the one image a
+    gallery shows, and that image is the right one (its own pixels, not another frame's)."""
+    import pillow_heif
+
+    shown, other = photo_like(300, 200, 1), photo_like(300, 200, 2).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    files = {
+        "IMG_0001.HEIC": heif_bytes([shown]),
+        "IMG_0002.HEIC": heif_bytes([other, shown], primary=1),  # a burst: the gallery shows the primary
+        "IMG_0003.avif": save(shown, "AVIF", quality=90),
+        "scan.tif": save(shown, "TIFF", save_all=True, append_images=[other]),  # lossless: exact
+        "clip.webp": save(shown, "WEBP", lossless=True, save_all=True, append_images=[other]),
+    }
+    recs, info = pipeline(tmp_path, files)
+    out = info["out"]
+    rows = {r["name"]: r for r in read_jsonl(tmp_path / "dl" / "manifest.jsonl")}
+    assert {n: (rows[n]["status"], rows[n]["format"], (rows[n]["path"] or "").rsplit(".", 1)[-1]) for n in files} == {
+        "IMG_0001.HEIC": ("ok", "HEIF", "heic"), "IMG_0002.HEIC": ("ok", "HEIF", "heic"),
+        "IMG_0003.avif": ("ok", "AVIF", "avif"), "scan.tif": ("ok", "TIFF", "tif"), "clip.webp": ("ok", "WEBP", "webp")}
+    assert all(recs[n]["status"] == "ok" for n in files), {n: recs[n]["reason"] for n in files}
+    skia_of_shown = np.asarray(android_canvas(shown, SPEC)).astype(int)
+    for name in ("scan.tif", "clip.webp"):  # lossless: exactly the app's drawing of the first frame
+        np.testing.assert_array_equal(canvas(out, recs[name]), skia_of_shown, err_msg=name)
+    heif_primary = pillow_heif.open_heif(io.BytesIO(files["IMG_0002.HEIC"]))
+    assert heif_primary.primary_index == 1  # the file really is a burst whose shown image is the second
+    for name, decoded in (("IMG_0001.HEIC", pillow_heif.open_heif(io.BytesIO(files["IMG_0001.HEIC"]))[0].to_pillow()),
+                          ("IMG_0002.HEIC", heif_primary[heif_primary.primary_index].to_pillow()),
+                          ("IMG_0003.avif", Image.open(io.BytesIO(files["IMG_0003.avif"])).convert("RGB"))):
+        c = canvas(out, recs[name]).astype(int)
+        # the Skia drawing of the decoded image, bit for bit: what the app draws from the same decoder output
+        np.testing.assert_array_equal(c, np.asarray(android_canvas(decoded.convert("RGB"), SPEC)), err_msg=name)
+        # and that image is the shown one, up to the codec's loss (the other frame is far: ~100 levels off)
+        assert np.abs(c - skia_of_shown).mean() < 6, name
+        assert np.abs(c - np.asarray(android_canvas(other, SPEC)).astype(int)).mean() > 40, name
+
+
+@pytest.mark.parametrize("exif", ["ignore", "apply"])
+def test_a_heic_rotation_is_part_of_its_image_whatever_canvas_exif_says(exif: str) -> None:
+    """A portrait phone photo is landscape pixels plus a HEIF rotation (irot), which the HEIF standard makes part
+    of the image: libheif applies it under either `contract.canvas.exif`, which governs EXIF orientation only."""
+    exif_tag = Image.Exif()
+    exif_tag[0x0112] = 6  # pillow-heif writes this as the file's irot box, as a phone does
+    data = save(Image.new("RGB", (40, 20), (200, 200, 0)), "HEIF", exif=exif_tag.tobytes())
+    assert decode(data, dataclasses.replace(SPEC, exif=exif)).size == (20, 40)
+
+
+def test_rejected_photos_are_named_on_the_console_with_their_cause(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = {f"junk{i:02d}.jpg": b"<html>%d</html>" % i for i in range(12)}
+    files["good.png"] = save(Image.new("RGB", (9, 9), 1), "PNG")
+    files["sliver.png"] = save(Image.new("RGB", (1000, 1), (1, 2, 3)), "PNG")
+    capsys.readouterr()
+    _, info = pipeline(tmp_path, files)
+    said = capsys.readouterr().out
+    # download refuses what is not an image; resize256 what cannot become a canvas: both by name and cause
+    assert f"download: 12 failed (every one with its cause in {tmp_path / 'dl' / 'manifest.jsonl'}):" in said
+    assert "\n  junk00.jpg: not an image: 14 bytes starting b'<html>0</html>'" in said
+    assert "\n  junk09.jpg: not an image" in said and "junk10.jpg" not in said and "\n  ... and 2 more\n" in said
+    assert (f"resize256: 1 rejected (every one with its cause in {info['out'] / 'records.jsonl'}):\n"
+            "  sliver.png: side below one pixel: aspect ratio 1000x1 scales to 256x0") in said

@@ -25,7 +25,9 @@ download.http.snapshot stays the same. A new snapshot revalidates every stored U
 conditional GET (If-None-Match / If-Modified-Since): 304 keeps the stored file. The
 manifest is written atomically at the end, then the journal and unreferenced files are
 removed, so a resumed run leaves the same bytes as an uninterrupted one. The stage exits
-non-zero when the failure rate exceeds download.max_failure_rate.
+non-zero when the failure rate exceeds download.max_failure_rate. The console names every failed
+item with its cause (the first ten, then a count), and the work line counts the photos of the last
+run that are gone from the source (`removed`).
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from src.contract import labels_of
+from src.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.report import name_refused
 from src.sources import Item, SourceError, items_from_params
 
-EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -285,7 +288,10 @@ def summarize(records: list[dict[str, Any]], max_failure_rate: float) -> dict[st
 def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failure_rate: float) -> dict[str, Any]:
     """Fetch or read what changed, write manifest + metrics; raise SystemExit above the failure gate."""
     out.mkdir(parents=True, exist_ok=True)
-    earlier = {r["id"]: r for r in [*read_jsonl(out / MANIFEST), *read_jsonl(out / JOURNAL)]}
+    previous = read_jsonl(out / MANIFEST)
+    earlier = {r["id"]: r for r in [*previous, *read_jsonl(out / JOURNAL)]}
+    # in the last finished run's output, gone from the source now: dropped from the manifest and the store
+    cost: Counter[str] = Counter(removed=len({r["id"] for r in previous} - {it.id for it in items}))
     done: dict[str, dict[str, Any]] = {}
     for it in items:
         row = earlier.get(it.id)
@@ -296,7 +302,7 @@ def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failur
     by_url: dict[str, list[Item]] = {}
     for it in todo:
         by_url.setdefault(it.url if it.load is None else f"{it.id}\0{it.url}", []).append(it)
-    cost: Counter[str] = Counter(current=len(done))
+    cost["current"] = len(done)
     pool = ThreadPoolExecutor(max(1, cfg.workers))
     try:
         futures = {pool.submit(get_item, group[0], out, cfg, earlier.get(group[0].id)): group for group in by_url.values()}
@@ -317,9 +323,13 @@ def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failur
     prune_store(out, "images", {r["path"] for r in records if r["path"]}, JOURNAL)
     summary = summarize(records, max_failure_rate)
     write_json(metrics, summary)
-    work = ", ".join(f"{k} {cost[k]}" for k in ("fetched", "decoded", "revalidated", "unchanged", "current", "failed"))
+    work = ", ".join(f"{k} {cost[k]}" for k in ("fetched", "decoded", "revalidated", "unchanged", "current", "failed",
+                                                  "removed"))
     print(f"download: {summary['ok']} ok ({summary['duplicates']} duplicates), {summary['failed']} failed; "
           f"work: {work} -> {out / MANIFEST}, {metrics}")
+    named = name_refused("download", "failed", [r["error"] for r in records if r["status"] != "ok"], out / MANIFEST)
+    if named:
+        print(named)
     if summary["failure_rate"] > max_failure_rate:
         worst = ", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items(), key=lambda kv: -kv[1]))
         raise SystemExit(f"download: failure rate {summary['failure_rate']:.1%} ({summary['failed']}/{summary['items']}) "

@@ -41,6 +41,7 @@ from src.contract import labels_of
 from src.label_cache import AnswerCache
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
+from src.report import name_refused
 from src.teacher.client import teach
 from src.teacher.request import BatchPending, Item, Tally, TeacherConfig, TeacherFatal, cache_key, reason_bound
 
@@ -156,8 +157,11 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
     write_json(metrics, m)
     if unused:
         print(f"label: {len(unused)} overrides match no canvas: {', '.join(unused[:5])}", file=sys.stderr)
+    named = name_refused("label", "failed", [f"{r['name']}: {r['error']}" for r in failed], out / "labels.jsonl")
+    if named:
+        print(named)
     if rate > lp["max_failure_rate"]:
-        first = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:5])
+        first = "; ".join(f"{r['name']}: {r['error']}" for r in failed[:5])
         raise SystemExit(f"label: {len(failed)}/{len(labelled)} canvases failed ({rate:.1%} > label.max_failure_rate "
                          f"{lp['max_failure_rate']:.1%}); see {out}/labels.jsonl and {out}/audit.html. First: {first}")
     return m

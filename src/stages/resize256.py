@@ -13,7 +13,8 @@ every byte is a function of the input bytes and the contract. A bad file (not an
 truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
 input) becomes a rejected record with a fixed `cause` (one of CAUSES) and a `reason`
 that says what exactly; it never stops the stage. `name` is the photo as the user
-knows it (download's name: a relative path, a URL), carried on for every later message.
+knows it (download's name: a relative path, a URL), carried on for every later message; the
+console names every rejected photo with its reason (the first ten, then a count).
 Work runs in a process pool; each result is appended to OUT/journal.jsonl, so a killed
 run, rerun, renders only what the journal lacks. The output persists between runs
 (dvc.yaml `persist`): under the same canvas contract (summary.json `spec`), a photo
@@ -41,6 +42,7 @@ from src.canvas import BadImage, render_png
 from src.contract import CanvasSpec
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.report import name_refused
 
 JOURNAL = "journal.jsonl"
 RESULT_KEYS = ("status", "cause", "reason", "canvas", "canvas_sha256")
@@ -135,6 +137,9 @@ def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, 
     write_json(out / "summary.json", summary)
     print(f"resize256: {summary['inputs']} inputs = {summary['written']} written + {summary['rejected']} rejected "
           f"{summary['rejected_by']}; {resumed} resumed -> {out}/records.jsonl, {out}/canvases/")
+    named = name_refused("resize256", "rejected", [f"{r['name']}: {r['reason']}" for r in rejected], out / "records.jsonl")
+    if named:
+        print(named)
     return summary
 
 
