@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from src.params import LLAMA_CPP_CMAKE, installed, stage_params
+from src.torch_pin import PIN
 from tests.conftest import ROOT, copy_project, run
 from tests.test_layout import stale_after
 
@@ -57,3 +59,12 @@ def test_eval_parity_gives_the_same_bytes_on_one_thread_and_on_two(tiny_repo: Pa
         got[threads] = {Path(o).name: (out / Path(o).name).read_bytes() for o in outs}
     assert got["1"] == got["2"]
     assert got["1"]["parity.json"] == (tiny_repo / outs[0]).read_bytes()  # and the same as dvc repro's own run
+
+
+@pytest.mark.parametrize("stage", ["finetune", "eval_parity"])
+def test_the_stages_whose_bits_are_compared_run_torch_on_pinned_avx2_kernels(stage: str) -> None:
+    """ATen, oneDNN and MKL pick kernels per CPU; these stages pin them before torch loads (src/torch_pin.py)."""
+    code = (f"import os, src.stages.{stage}, torch; "
+            f"print(torch.backends.cpu.get_cpu_capability(), *(os.environ.get(k) for k in {sorted(PIN)!r}))")
+    res = run([sys.executable, "-c", code], ROOT, env={k: "" for k in PIN})  # whatever the caller had set
+    assert res.stdout.split() == ["AVX2", *(PIN[k] for k in sorted(PIN))]

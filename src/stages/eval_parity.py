@@ -26,6 +26,8 @@ the photos by the names the user knows.
 
 from __future__ import annotations
 
+from src import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
+
 import argparse
 import csv
 import io

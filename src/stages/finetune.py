@@ -22,6 +22,8 @@ canvas, so it is computed once and reused every epoch (finetune.feature_cache).
 
 from __future__ import annotations
 
+from src import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
+
 import argparse
 import shutil
 import time
