@@ -24,6 +24,8 @@ import yaml
 
 from src.review import MARKER
 from src.review.__main__ import main as review
+from src.review import compare
+from src.review.compare import differs, flatten
 from src.review.forge import main as post
 from src.schema import ParamsError, validate
 from tests.conftest import ROOT, run, set_param
@@ -152,6 +154,25 @@ def test_a_revision_not_reproduced_is_one_line_and_a_bad_revision_exits_2(
     assert review(["no-such-branch", "--root", str(record_repo), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("review: unknown git revision 'no-such-branch'") and "\n" not in err
+
+
+def test_noise_is_not_a_change_and_metrics_are_grouped_as_a_reviewer_reads_them() -> None:
+    paths = {"m_parity": "metrics/parity.json", "m_finetune": "metrics/finetune.json"}
+    base = {"metrics/parity.json": {"accuracy": {"q8_0": 0.9}, "agreement": {"q8_0": 1.0}, "logits": {"kl_q8_0_max": 0.0},
+                                    "n_test": 30},
+            "metrics/finetune.json": {"val_loss": 0.016204, "val_acc": 0.9, "n_train": 140}}
+    head = {"metrics/parity.json": {"accuracy": {"q8_0": 0.8}, "agreement": {"q8_0": 1.0}, "logits": {"kl_q8_0_max": -0.0},
+                                    "n_test": 30},
+            # a rerun on another CPU: val_loss moves 1e-4 relative
+            "metrics/finetune.json": {"val_loss": 0.016204 * (1 + 1e-4), "val_acc": 0.9, "n_train": 140}}
+    rows = {(r.group, r.key): r.changed for r in compare.metric_rows(base, head, paths, noise=1e-3)}
+    assert rows == {("quality", "accuracy.q8_0"): True, ("parity", "agreement.q8_0"): False,
+                    ("parity", "logits.kl_q8_0_max"): False,  # 0.0 and -0.0: no change
+                    ("data", "n_test"): False, ("data", "n_train"): False,
+                    ("training", "val_loss"): False, ("training", "val_acc"): False}
+    order = [r.key for r in compare.metric_rows(base, head, paths, noise=1e-3)]
+    assert order.index("accuracy.q8_0") < order.index("agreement.q8_0") < order.index("n_test") < order.index("val_loss")
+    assert compare.differs(0.016204, 0.016204 * 1.01, 1e-3)  # 1 % is a change
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|(?:src|href)=[\"']([^\"']+)")
@@ -304,3 +325,92 @@ def test_the_ci_files_post_once_and_take_secrets_from_ci_variables(path: str) ->
         m = re.match(r"\s*(\w*(TOKEN|SECRET|KEY)\w*):\s*(.+)", line)
         if m:
             assert "secrets." in m[3] or m[3].strip().startswith("$"), line
+
+
+# ---- the real thing: the tiny pipeline, reproduced across three changes ------------------------------
+
+
+def changed_answers(repo: Path, a: str, b: str) -> dict[str, tuple[str, str, str]]:
+    """{photo name: (truth, answer at a, answer at b)} where the Q8_0 answer differs, read from git directly."""
+    def rows(rev: str) -> dict[str, dict[str, str]]:
+        text = run(["git", "show", f"{rev}:metrics/parity_images.csv"], repo).stdout
+        return {r["id"]: r for r in csv.DictReader(io.StringIO(text))}
+    ra, rb = rows(a), rows(b)
+    return {rb[i]["name"]: (rb[i]["truth"], ra[i]["q8_0"], rb[i]["q8_0"]) for i in rb if i in ra and ra[i]["q8_0"] != rb[i]["q8_0"]}
+
+
+def review_in(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "src.review", *args], repo, check=False)
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_reviewed_across_a_lora_change_a_prompt_change_and_a_regression(
+        tiny_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    # tolerances wide enough for a 50-photo model's noise: these two changes are not regressions
+    loose = {"review.max_drop.accuracy": 0.5, "review.max_drop.class_accuracy": 1.0, "review.max_drop.agreement": 0.2,
+             "review.max_drop.val_acc": 0.5, "review.max_rise.invalid_rate": 0.5, "review.max_rise.val_loss": 5.0}
+    edit_yaml(repo / "params.yaml", loose)
+    base = commit(repo, "tiny, reproduced")
+    template = yaml.safe_load((repo / "params.yaml").read_text())["contract"]["prompt"]["template"]
+    revs = [base]
+    for change in ({"finetune.lora.r": 4}, {"contract.prompt.template": template.replace("Classify", "Sort")}):
+        edit_yaml(repo / "params.yaml", change)
+        run(["dvc", "repro"], repo)
+        revs.append(commit(repo, str(change)))
+
+    # the LoRA rank change
+    res = review_in(repo, revs[0], revs[1], "--out", str(tmp_path / "review-r"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = (tmp_path / "review-r/report.md").read_text()
+    print(report)
+    assert "| params.yaml | `finetune.lora.r` | 16 | 4 | finetune, release |" in report
+    stages = report.split("### Stages")[1].split("###")[0]
+    for stage in ("finetune", "convert_gguf", "quantize_q8", "eval_parity", "release"):
+        assert f"| {stage} |" in stages, stage
+    assert "| finetune | finetune.lora.r: 16 -> 4 |" in stages
+    for stage in ("download", "resize256", "label", "split", "base"):
+        assert f"| {stage} |" not in stages, stage
+    assert "not reproduced" not in res.stderr  # both revisions reproduced: nothing to say
+    # every metric that moved is in a changed table, with both values
+    for file in ("metrics/parity.json", "metrics/finetune.json"):
+        b, h = (json.loads(run(["git", "show", f"{r}:{file}"], repo).stdout) for r in revs[:2])
+        for key, hv in flatten(h).items():
+            if differs(flatten(b).get(key), hv, 0.001):
+                assert re.search(rf"\| `{re.escape(key)}` \({Path(file).stem}\) \| [^|]+ \| [^|]+ \| [^|]* \|", report), key
+
+    # the prompt change; and over both, the photos that flipped, with base and head answers and a thumbnail
+    res = review_in(repo, revs[1], revs[2], "--out", str(tmp_path / "review-p"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    prompt_report = (tmp_path / "review-p/report.md").read_text()
+    print(prompt_report)
+    assert "`contract.prompt.template`" in prompt_report and "| finetune | contract.prompt.template:" in prompt_report
+    flipped = 0
+    for folder, (a, b) in (("review-r", revs[:2]), ("review-p", revs[1:])):
+        text = (tmp_path / folder / "report.md").read_text()
+        changed = changed_answers(repo, a, b)
+        flipped += len(changed)
+        assert f"### Photos whose answer changed: {len(changed)}" in text
+        for name, (truth, was, now) in changed.items():
+            row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+            assert f"| {truth} | {was}" in row and f"| {now}" in row and "](thumbs/" in row, row
+        assert len(list((tmp_path / folder).glob("thumbs/*.png"))) == len(changed)
+    assert flipped > 0, "neither change moved an answer: the test cannot show a flip"
+
+    # a deliberate regression: an untrained model (release refuses it; its metrics are still written)
+    defaults = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    edit_yaml(repo / "params.yaml", {"finetune.lr": 0.0, "finetune.epochs": 1, **{k: defaults[k] for k in loose}})
+    assert run(["dvc", "repro"], repo, check=False).returncode != 0
+    revs.append(commit(repo, "lr 0"))
+    res = review_in(repo, revs[2], revs[3], "--out", str(tmp_path / "review-lr0"))
+    print(res.stdout, res.stderr)
+    assert res.returncode == 1
+    assert any(line.startswith("review: accuracy.q8_0 (Q8_0, test split) drops ") and
+               line.endswith("more than review.max_drop.accuracy = 0.02") for line in res.stderr.splitlines())
+    assert "HEAD fails a release gate BASE passed: accuracy " in res.stderr
+    assert re.search(r"HEAD \w+ is not reproduced: release \(", res.stderr)  # release refused: one line
+    assert "**would NOT release** (quality gates fail)" in (tmp_path / "review-lr0/report.md").read_text()
+    # and the same revision twice: "no change", exit 0
+    res = review_in(repo, revs[3], revs[3], "--out", str(tmp_path / "review-same"))
+    assert res.returncode == 0 and res.stdout.startswith("No change")
