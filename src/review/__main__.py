@@ -19,11 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from src.params import fail
 from src.review import compare
-from src.review.report import Review, write
+from src.review.report import Review, verdict, write
 from src.review.revision import Revision, RevisionError, stale_stages
 from src.schema import ParamsError, validate
 
@@ -71,8 +69,11 @@ def _labels(r: Revision) -> tuple[str, ...]:
     return tuple(((r.params().get("contract") or {}).get("labels")) or ())
 
 
-def build(root: Path, base_rev: str, head_rev: str | None, photos_allowed: bool) -> tuple[Review, dict, dict, dict]:
-    """(the review, tolerances params, canvases of the flipped photos, release plots {name: (base, head)})."""
+def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Review, bool, dict, dict]:
+    """(the review, whether photos may be written, canvases of the flipped photos, release plots {name: (base, head)}).
+
+    Tolerances and `share_photos` are HEAD's `review:` params (a change to them shows in the params table).
+    """
     base, head = Revision.open(root, base_rev), Revision.open(root, head_rev)
     params = head.params()
     try:
@@ -80,6 +81,7 @@ def build(root: Path, base_rev: str, head_rev: str | None, photos_allowed: bool)
     except ParamsError as e:
         fail([f"review: HEAD's {line}" for line in e.lines])
     review_p = params["review"]
+    photos_allowed = not ci or review_p["share_photos"]
     paths = head.paths() or base.paths()
     notes = []
     for side, r in (("BASE", base), ("HEAD", head)):
@@ -129,7 +131,7 @@ def build(root: Path, base_rev: str, head_rev: str | None, photos_allowed: bool)
             review.notes.append(f"{missing} thumbnails left out: their canvases are in neither the DVC cache nor the "
                                 "remote (`dvc push` from the clone that reproduced them)")
     release = {n: (base.read(f"{plots_dir}/{n}"), head.read(f"{plots_dir}/{n}")) for n in pngs}
-    return review, review_p, canvases, release
+    return review, photos_allowed, canvases, release
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,17 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="for CI: thumbnails and the sample grid only with params.yaml review.share_photos: true")
     ap.add_argument("--json", action="store_true", help="also print the verdict, breaches and notes as JSON")
     args = ap.parse_args(argv)
-    root = args.root.resolve()
-    share = bool(((yaml.safe_load((root / "params.yaml").read_text()) or {}).get("review") or {}).get("share_photos"))
-    photos = not args.ci or share
     try:
-        review, _, canvases, release = build(root, args.base, args.head, photos)
+        review, photos, canvases, release = build(args.root.resolve(), args.base, args.head, args.ci)
     except RevisionError as e:
         print(e, file=sys.stderr)
         return 2
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     write(review, out, canvases, release, photos)
-    from src.review.report import verdict
     for note in review.notes:
         print(f"review: {note}", file=sys.stderr)
     print(verdict(review).replace("**", ""))

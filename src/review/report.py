@@ -87,6 +87,8 @@ def verdict(r: Review) -> str:
     parts = [release, f"accuracy Q8_0 {_move(_metric(r.metrics, 'accuracy.q8_0'), points=True)}",
              f"agreement F16 {_move(_metric(r.metrics, 'agreement.f16'))}, Q8_0 {_move(_metric(r.metrics, 'agreement.q8_0'))}",
              f"invalid Q8_0 {_move(_metric(r.metrics, 'invalid_rate.q8_0'))}", changed]
+    if r.breaches:
+        parts.insert(1, f"**{len(r.breaches)} tolerance breach{'es' if len(r.breaches) > 1 else ''}**")
     head = "No change: same params, pipeline, metrics and answers. " if r.unchanged else ""
     return head + " · ".join(parts)
 
