@@ -100,8 +100,10 @@ def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Re
     parity = (metrics["base"].get(pm), metrics["head"].get(pm))
     finetune = (metrics["base"].get(fm), metrics["head"].get(fm))
     base_params = base.params()
-    base_fails = (compare.release_fails(parity[0], answers[0], base_params)
-                  if "eval_parity" in base_params and "release" in base_params else (["no gates"], []))
+    try:
+        base_fails = compare.release_fails(parity[0], answers[0], base_params)
+    except KeyError:  # BASE predates a gate: nothing to say it passed
+        base_fails = (["BASE's params predate the gates"], [])
     curves_b, curves_h = _curves(base, paths.get("live_finetune")), _curves(head, paths.get("live_finetune"))
     plots_dir = paths.get("release_plots")
     pngs = sorted(set(base.listdir(plots_dir) if plots_dir else []) | set(head.listdir(plots_dir) if plots_dir else []))
