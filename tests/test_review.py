@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -173,6 +174,23 @@ def test_noise_is_not_a_change_and_metrics_are_grouped_as_a_reviewer_reads_them(
     order = [r.key for r in compare.metric_rows(base, head, paths, noise=1e-3)]
     assert order.index("accuracy.q8_0") < order.index("agreement.q8_0") < order.index("n_test") < order.index("val_loss")
     assert compare.differs(0.016204, 0.016204 * 1.01, 1e-3)  # 1 % is a change
+
+
+def test_tolerances_are_heads_checked_by_the_schema_or_the_workspaces_for_an_older_revision(
+        record_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = yaml.safe_load((record_repo / "params.yaml").read_text())
+    del params["review"]  # a revision from before the review command
+    (record_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    old = commit(record_repo, "before review")
+    run(["git", "checkout", "-q", "HEAD~1", "--", "params.yaml"], record_repo)
+    assert review(["HEAD~1", old, "--root", str(record_repo), "--out", str(tmp_path / "out")]) == 0
+    assert f"review: HEAD {old[:7]} has no `review:` params: judged by the workspace's tolerances" in capsys.readouterr().err
+    edit_yaml(record_repo / "params.yaml", {"review.max_drop.agreement": -0.1})
+    with pytest.raises(SystemExit) as e:
+        review(["HEAD", "--root", str(record_repo), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("review: params.yaml: review.max_drop.agreement = -0.1: should be greater than "
+                                       "or equal to 0; expected >= 0.0\n")
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|(?:src|href)=[\"']([^\"']+)")

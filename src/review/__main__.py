@@ -25,9 +25,8 @@ from src.review.report import Review, verdict, write
 from src.review.revision import Revision, RevisionError, stale_stages
 from src.schema import ParamsError, validate
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 PHOTO_PLOTS = ("sample_grid.png",)  # release plots that show photos (src/stages/release.py's sample grid)
-MAX_THUMBS = 50
+MAX_THUMBS = 50  # a change that flips more photos than this shows the first 50 with thumbnails
 
 
 def _json(r: Revision, path: str | None) -> dict[str, Any]:
@@ -69,6 +68,26 @@ def _labels(r: Revision) -> tuple[str, ...]:
     return tuple(((r.params().get("contract") or {}).get("labels")) or ())
 
 
+def review_params(root: Path, head: Revision) -> tuple[dict[str, Any], list[str]]:
+    """HEAD's `review:` tolerances, checked by the schema (one line per problem, exit 2), and any note.
+
+    The workspace's params.yaml is validated whole, as a stage does. A git revision's own `review:` is
+    checked in the workspace's tree (its other sections may predate today's schema); one that predates
+    the review command is judged by the workspace's tolerances, and the report says so.
+    """
+    workspace = Revision(root, None).params()
+    section = head.params().get("review") if head.rev is not None else workspace.get("review")
+    notes = []
+    if section is None and head.rev is not None:
+        notes.append(f"HEAD {head.label} has no `review:` params: judged by the workspace's tolerances")
+        section = workspace.get("review")
+    try:
+        validate({**workspace, "review": section})
+    except ParamsError as e:
+        fail([f"review: {line}" for line in e.lines])
+    return section, notes
+
+
 def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Review, bool, dict, dict]:
     """(the review, whether photos may be written, canvases of the flipped photos, release plots {name: (base, head)}).
 
@@ -76,14 +95,9 @@ def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Re
     """
     base, head = Revision.open(root, base_rev), Revision.open(root, head_rev)
     params = head.params()
-    try:
-        validate(params)
-    except ParamsError as e:
-        fail([f"review: HEAD's {line}" for line in e.lines])
-    review_p = params["review"]
+    review_p, notes = review_params(root, head)
     photos_allowed = not ci or review_p["share_photos"]
     paths = head.paths() or base.paths()
-    notes = []
     for side, r in (("BASE", base), ("HEAD", head)):
         stale = stale_stages(r)
         if stale:
@@ -104,6 +118,10 @@ def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Re
         base_fails = compare.release_fails(parity[0], answers[0], base_params)
     except KeyError:  # BASE predates a gate: nothing to say it passed
         base_fails = (["BASE's params predate the gates"], [])
+    try:
+        head_fails = compare.release_fails(parity[1], answers[1], params)
+    except KeyError as e:
+        head_fails = ([f"HEAD's params predate the gates (no {e})"], [])
     curves_b, curves_h = _curves(base, paths.get("live_finetune")), _curves(head, paths.get("live_finetune"))
     plots_dir = paths.get("release_plots")
     pngs = sorted(set(base.listdir(plots_dir) if plots_dir else []) | set(head.listdir(plots_dir) if plots_dir else []))
@@ -115,7 +133,7 @@ def build(root: Path, base_rev: str, head_rev: str | None, ci: bool) -> tuple[Re
         stages=compare.stage_changes(base.lock(), head.lock(), list(head.stages())),
         metrics=compare.metric_rows(metrics["base"], metrics["head"], paths, review_p["noise"]),
         answers=answers, flips=flips, only=(only_base, only_head),
-        fails=compare.release_fails(parity[1], answers[1], params), base_fails=base_fails,
+        fails=head_fails, base_fails=base_fails,
         tolerances=compare.tolerances(review_p, parity, finetune, answers),
         curves={k: (curves_b.get(k, {}), curves_h.get(k, {})) for k in dict.fromkeys([*curves_h, *curves_b])},
         release_pngs=pngs,

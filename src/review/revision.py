@@ -47,7 +47,9 @@ class Revision:
     @property
     def label(self) -> str:
         """How the report names it: `main (1a2b3c4)`, or `workspace`."""
-        return WORKSPACE if self.rev is None else f"{self.rev} ({self.sha[:7]})" if self.rev != self.sha else self.sha[:7]
+        if self.rev is None:
+            return WORKSPACE
+        return self.sha[:7] if self.sha.startswith(self.rev) else f"{self.rev} ({self.sha[:7]})"
 
     def read(self, path: str) -> bytes | None:
         """A git-tracked file's bytes at this revision (the workspace: on disk), or None when absent."""
