@@ -74,5 +74,11 @@ test-quick: setup sshd
 bench: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m bench.run
 
+# A change reviewed at a glance (README: Review): report of HEAD (default: the workspace) against BASE.
+.PHONY: review
+BASE ?= main
+review: setup
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m src.review $(BASE) $(HEAD)
+
 clean-venv:
 	rm -rf .venv

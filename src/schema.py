@@ -365,6 +365,31 @@ class Release(Section):
     min_class_accuracy: Rate
 
 
+# params.yaml sections read by a command outside the pipeline, never by a stage: they decide no output,
+# so no dvc.yaml stage declares them and changing one reruns nothing (tests/test_params.py).
+COMMANDS = ("review",)
+
+
+class MaxDrop(Section):
+    accuracy: Rate
+    class_accuracy: Rate
+    agreement: Rate
+    val_acc: Rate
+
+
+class MaxRise(Section):
+    invalid_rate: Rate
+    val_loss: NonNegF
+
+
+class Review(Section):
+    """The review command's tolerances (`python -m src.review`), not a stage's params."""
+    max_drop: MaxDrop
+    max_rise: MaxRise
+    noise: Annotated[float, Field(ge=0, lt=1)]
+    share_photos: bool
+
+
 class Params(Section):
     contract: Contract
     download: Download
@@ -377,6 +402,7 @@ class Params(Section):
     quantize_q8: QuantizeQ8
     eval_parity: EvalParity
     release: Release
+    review: Review
 
 
 # ---- messages ------------------------------------------------------------------------------------
