@@ -152,7 +152,8 @@ def readme_problems(text: str, home: Path) -> list[str]:
     (the overrides of one command are validated together, `$HOME` read as `home`)."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     paths = dvc["vars"][0]["paths"]
-    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.M))
     declared = {k for st in stages() for k in declared_keys(st, ROOT / "dvc.yaml")}
     problems = []
     for c in readme_commands(text):
@@ -161,15 +162,19 @@ def readme_problems(text: str, home: Path) -> list[str]:
             if w in ("make", "dvc", "gto", "-m", "-S") and i + 1 < len(words):
                 words[i + 1] = words[i + 1].strip("\"'")
         if words[0] == "make":
-            problems += [f"{c}: no make target {t!r}" for t in words[1:] if not t.startswith("-") and t not in targets]
+            problems += [f"{c}: no make target {t!r}" for t in words[1:]
+                         if not t.startswith("-") and "=" not in t and t not in targets]
+            problems += [f"{c}: the Makefile reads no variable {t.split('=')[0]!r}" for t in words[1:]
+                         if "=" in t and f"$({t.split('=')[0]})" not in makefile]
         if m := re.search(r"-m ([\w.]+)(?=\s|$)(.*)", c):  # not `-m src.stages.<stage>`, a placeholder
             module, rest = m.group(1), m.group(2).split()
             if module.split(".")[0] in ("src", "bench"):
                 f = ROOT / (module.replace(".", "/") + ".py")
-                if not f.exists():
+                package = ROOT / module.replace(".", "/")
+                if not f.exists() and not (package / "__main__.py").exists():
                     problems.append(f"{c}: no module {module}")
                 elif not module.startswith("src.stages."):  # a stage's arguments are checked against dvc.yaml
-                    source = f.read_text()
+                    source = f.read_text() if f.exists() else "".join(x.read_text() for x in package.glob("*.py"))
                     problems += [f"{c}: {module} has no option {w}" for w in rest
                                  if w.startswith("--") and f'"{w.split("=")[0]}"' not in source]
                     if rest and not rest[0].startswith("-") and "add_parser" in source \
@@ -208,11 +213,13 @@ def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_
     assert sum(" -S " in c for c in commands) >= 3 and any(c.startswith("make ") for c in commands)  # it reads them
     assert readme_problems(text, tmp_path) == []
     # the same check on a README with one mistake of each kind
-    broken = ("```bash\nmake tests\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
+    broken = ("```bash\nmake tests\nmake review BASES=main\npython -m src.review main --outt r\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
               "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.reading a.jpg --bundel b\n"
               "python -m src.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
     assert [p.split(": ", 1)[1] for p in readme_problems(broken, tmp_path)] == [
         "no make target 'tests'",
+        "the Makefile reads no variable 'BASES'",
+        "src.review has no option --outt",
         "-S finetune.epoch: no stage declares it",
         "params.yaml: finetune.epochs = 0: should be greater than or equal to 1; expected >= 1",
         "params.yaml: contract.vision.longest_edge = 128: below 2 x tile (512): transformers and llama.cpp would "
