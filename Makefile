@@ -23,9 +23,9 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: setup repro test test-quick bench clean-venv sshd
+.PHONY: setup repro test test-quick bench clean-venv sshd arm64
 
-setup: $(STAMP)
+setup: $(STAMP) arm64
 
 $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -51,6 +51,16 @@ sshd:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; } || \
 	  echo "openssh-server not installed (needs root and apt): the SSH remote tests will skip"
+
+# eval_parity's arm64 rung cross-builds llama.cpp for the phones (runtime.yaml llama_cpp_arm64) and runs it under
+# qemu: Debian's cross compiler and qemu-user-static, installed with apt when missing (needs root). The probes are
+# cached per version and flags in ~/.cache/smolvlm-elements/arm64-*/ (first build: about 20 min on 2 cores).
+arm64: $(STAMP)
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v cmake >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crossbuild-essential-arm64 qemu-user-static cmake; } || \
+	  { echo "make arm64: crossbuild-essential-arm64, qemu-user-static or cmake is missing and cannot be installed here (needs root and apt): install them and rerun make, or skip the arm64 rung with eval_parity.arm64.sample: 0"; exit 1; }
+	$(PY) -m src.arm64 build
 
 repro: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro

@@ -75,6 +75,15 @@ def runtime_mismatches(pins: dict[str, str]) -> list[str]:
     """One line per pinned distribution whose installed version differs (or is missing)."""
     out = []
     for dist, want in pins.items():
+        if dist.startswith("llama_cpp_arm64."):  # flags, not a distribution: src/arm64 builds (and caches) per flags
+            continue
+        if dist == "llama_cpp_cmake":  # the wheel's build flags, which `make setup` records in the venv
+            record = Path(sys.prefix) / "llama_cpp_cmake"
+            have = record.read_text().strip() if record.exists() else f"not recorded in {record}"
+            if have != str(want):
+                out.append(f"{RUNTIME}: llama_cpp_cmake = {want!r}: llama-cpp-python was built with {have!r} "
+                           "(run `make setup`, which builds it with these flags)")
+            continue
         try:
             have = metadata.version(dist)
         except metadata.PackageNotFoundError:
