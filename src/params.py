@@ -75,7 +75,7 @@ def runtime_mismatches(pins: dict[str, str]) -> list[str]:
     """One line per pinned distribution whose installed version differs (or is missing)."""
     out = []
     for dist, want in pins.items():
-        if dist.startswith("llama_cpp_arm64."):  # flags, not a distribution: src/arm64 builds (and caches) per flags
+        if dist == "llama_cpp_arm64":  # flags, not a distribution: src/arm64 builds (and caches) per flags
             continue
         if dist == "llama_cpp_cmake":  # the wheel's build flags, which `make setup` records in the venv
             record = Path(sys.prefix) / "llama_cpp_cmake"
@@ -117,7 +117,9 @@ def stage_params(stage: str, root: Path = ROOT) -> dict[str, Any]:
     out = select(params, keys["params.yaml"], source)
     if RUNTIME in keys:  # handed over as out["runtime"]: the model card reports the versions
         pins = yaml.safe_load((root / RUNTIME).read_text())
-        out["runtime"] = {k: str(_get(pins, k, root / RUNTIME)) for k in keys[RUNTIME]}
+        out["runtime"] = {}
+        for k in keys[RUNTIME]:  # nested as in runtime.yaml: llama_cpp_arm64.dotprod -> {"llama_cpp_arm64": {"dotprod": ...}}
+            _set(out["runtime"], k, str(_get(pins, k, root / RUNTIME)))
         bad = runtime_mismatches(out["runtime"])
         if bad:
             fail(bad)

@@ -4,7 +4,7 @@ Inputs:  SPLIT/test.jsonl, the canvases (RESIZE256) and original photos (DOWNLOA
          transformers model (FINETUNE), the f16 text GGUF + mmproj (CONVERT_GGUF), the Q8_0 text
          GGUF (QUANTIZE_Q8).
 Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: id, name (file name or URL),
-         truth, answers, first-token label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
+         truth, answers, first-token label probabilities; arm64 answers on the rung's sample), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
 Params:  contract.*, eval_parity.* (eval_parity.arm64.*: the arm64 rung's sample, variants and gates),
          runtime.yaml llama_cpp_arm64.* (each variant's -march)
 Command: python -m src.stages.eval_parity data/split data/resize256 data/download models/finetune \
@@ -264,10 +264,13 @@ def images_csv(rows: list[Row], labels: tuple[str, ...]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     sides = ("hf", "f16", "q8_0")
-    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels]])
+    arm = sorted({s for r in rows for s in r.answers if s.startswith("arm64_")})  # the arm64 sample's rows only
+    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels],
+                *arm])
     for r in rows:
         w.writerow([r.id, r.name, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
-                    r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]]])
+                    r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]],
+                    *[(r.answers[s] or f"INVALID:{r.raw[s]!r}") if s in r.answers else "" for s in arm]])
     return buf.getvalue()
 
 
@@ -285,7 +288,7 @@ def main() -> None:
     records = {r["id"]: r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"}
     photos = {r["id"]: (args.download / records[r["id"]]["path"]).read_bytes() for r in rows if r["id"] in records}
     mm = the_mmproj(args.convert_gguf)
-    marches = {k.split(".", 1)[1]: v for k, v in p["runtime"].items() if k.startswith(f"{arm64.KEY}.")}
+    marches = p["runtime"].get(arm64.KEY, {})
     unknown = [v for v in g["arm64"]["variants"] if v not in marches]
     if unknown:
         raise SystemExit(f"eval_parity: eval_parity.arm64.variants names {', '.join(unknown)}: no -march for it in "

@@ -185,7 +185,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         "## Provenance", "",
         f"Built from these DVC outputs ({card['provenance']['commit']}):", "",
         *[f"- `{k}` md5 `{v}`" for k, v in card["provenance"]["dvc_deps_md5"].items()], "",
-        "Runtime: " + ", ".join(f"{k} {v}" for k, v in card["provenance"]["runtime"].items()), "",
+        "Runtime: " + ", ".join(f"{k}.{sub} {x}" if isinstance(v, dict) else f"{k} {v}"
+                                for k, v in card["provenance"]["runtime"].items()
+                                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])), "",
         "## Params", "", "```json", json.dumps(card["params"], indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
