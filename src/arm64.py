@@ -19,6 +19,7 @@ Command: python -m src.arm64 build   (make setup: every variant of runtime.yaml,
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -118,14 +119,29 @@ def build(marches: dict[str, str], version: str, root: Path = ROOT, jobs: int = 
     variant recompiles that and relinks, not llama.cpp and mtmd again.
     """
     probes = {v: probe_path(version, m) for v, m in marches.items()}
-    missing = {v: m for v, m in marches.items() if not probes[v].exists()}
-    if not missing:
+    if all(p.exists() for p in probes.values()):
         return probes
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # One build at a time on this machine (make setup, and a dvc repro in each clone, may all ask at once):
+    # the others wait, then find the probes in the cache.
+    with (CACHE / "arm64.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"arm64: waiting for another build to release {CACHE / 'arm64.lock'}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build({v: m for v, m in marches.items() if not probes[v].exists()}, probes, version, root, jobs)
+    return probes
+
+
+def _build(missing: dict[str, str], probes: dict[str, Path], version: str, root: Path, jobs: int) -> None:
+    """Build each of `missing` ({variant: -march}) into its path in `probes`, in one build tree (the lock is held)."""
+    if not missing:
+        return
     src = sdist(version, root)
     if not src.exists():
         raise Arm64Error(f"arm64: {src} is missing: run `make setup` (it downloads llama-cpp-python {version}'s sdist)")
     cmake, ninja = _tool("cmake"), shutil.which("ninja")
-    CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="arm64-build-") as tmp:
         vendor = _unpack_llama_cpp(src, version, Path(tmp))
         b = Path(tmp) / "build"
@@ -148,7 +164,6 @@ def build(marches: dict[str, str], version: str, root: Path = ROOT, jobs: int = 
             shutil.copy2(b / "probe", out.with_suffix(".tmp"))
             os.replace(out.with_suffix(".tmp"), out)  # last: a killed build leaves no probe behind
             print(f"arm64: {variant} probe built in {time.monotonic() - start:.0f} s -> {out}", flush=True)
-    return probes
 
 
 def _unpack_llama_cpp(src: Path, version: str, dest: Path) -> Path:

@@ -71,8 +71,9 @@ def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, A
     return out
 
 
-def runtime_mismatches(pins: dict[str, str]) -> list[str]:
-    """One line per pinned distribution whose installed version differs (or is missing)."""
+def runtime_mismatches(pins: dict[str, Any]) -> list[str]:
+    """One line per pinned distribution whose installed version differs (or is missing), and one if the
+    installed llama-cpp-python was built with other flags than llama_cpp_cmake."""
     out = []
     for dist, want in pins.items():
         if dist == "llama_cpp_arm64":  # flags, not a distribution: src/arm64 builds (and caches) per flags
