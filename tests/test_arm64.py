@@ -126,12 +126,13 @@ def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(
     arm = arm64.run(probe, "dotprod", *q8(tiny_repo), prompt, images, gen.max_new_tokens, n_ctx)
     for a, x in zip(arm, x86):
         assert (a.tokens, a.text, a.stopped) == (x.tokens, x.text, x.stopped)
-        # same weights and graph, other kernels (NEON dot product vs AVX2): only the rounding may differ
-        assert np.abs(a.first_logits - x.first_logits).max() < 1e-2
-    # the comparison can fail: a stray space in the prompt moves the first-token logits by more than that
+        # same weights and graph, other kernels (NEON dot product vs AVX2): only the rounding differs
+        # (measured: up to 0.018 on the tiny pipeline and on the demo)
+        assert np.abs(a.first_logits - x.first_logits).max() < 0.05
+    # the comparison can fail: a stray space in the prompt moves the first-token logits by more (measured 0.19)
     head, last = prompt.rsplit("\n", 1)
     moved = arm64.run(probe, "dotprod", *q8(tiny_repo), f"{head}\n {last}", images[:1], gen.max_new_tokens, n_ctx)
-    assert np.abs(moved[0].first_logits - x86[0].first_logits).max() > 1e-2
+    assert np.abs(moved[0].first_logits - x86[0].first_logits).max() > 0.05
 
 
 @pytest.mark.slow
