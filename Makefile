@@ -24,9 +24,9 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: setup check repro test test-quick bench clean-venv sshd
+.PHONY: setup check repro test test-quick bench clean-venv sshd arm64
 
-setup: $(STAMP)
+setup: $(STAMP) arm64
 
 $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtime.yaml pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -57,6 +57,16 @@ sshd:
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; }; \
 	test -x $(SSHD) || { echo "openssh-server not installed (needs apt, as root or with sudo): the SSH remote tests skip" >&2; \
 	  case "$${CI:-}" in true|1) echo "CI=$$CI: every test must run; install openssh-server first" >&2; exit 1;; esac; }
+
+# eval_parity's arm64 rung cross-builds llama.cpp for the phones (runtime.yaml llama_cpp_arm64) and runs it under
+# qemu: Debian's cross compiler and qemu-user-static, installed with apt when missing (needs root). The probes are
+# cached per version and flags in ~/.cache/smolvlm-elements/arm64-*/ (first build: about 20 min on 2 cores).
+arm64: $(STAMP)
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v cmake >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crossbuild-essential-arm64 qemu-user-static cmake; } || \
+	  { echo "make arm64: crossbuild-essential-arm64, qemu-user-static or cmake is missing and cannot be installed here (needs root and apt): install them and rerun make, or skip the arm64 rung with eval_parity.arm64.sample: 0"; exit 1; }
+	$(PY) -m src.arm64 build
 
 # DVC reads params.yaml and the source paths before any stage can say what is wrong with them: check first.
 check: setup

@@ -22,8 +22,7 @@ def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]])
     fire, llama.cpp Q8_0 water)`); release re-checks stale metrics without them.
     """
     def names(rung: str) -> str:
-        ids = offenders.get(rung, [])
-        return f": {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}" if ids else ""
+        return _names(offenders, rung)
 
     n = m["n_test"]
     fails = []
@@ -47,7 +46,44 @@ def gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]])
         fails.append(f"rung invalid_rate.q8_0_only: {only:.3f} > {g['max_invalid_rate_q8_0']}: {RUNTIME['q8_0']} "
                      f"answers no label where {RUNTIME['hf']} does on {_count(only, n)}/{n} photos"
                      + names("invalid_q8_0"))
+    return fails + arm64_gates(m, g, offenders)
+
+
+def arm64_gates(m: dict[str, Any], g: dict[str, Any], offenders: dict[str, list[str]]) -> list[str]:
+    """The arm64 rung's gates (eval_parity.arm64.*), per variant; metrics without the rung pass only when it is off."""
+    a = g["arm64"]
+    if not a["sample"]:
+        return []
+    ran = m.get("arm64", {}).get("variants", {})
+    fails = [f"rung arm64.{v}: not in the metrics (eval_parity did not run it; rerun eval_parity)"
+             for v in a["variants"] if v not in ran]
+    n = m.get("arm64", {}).get("n", 0)
+    for v, r in ran.items():
+        if v not in a["variants"]:
+            continue
+        who = f"llama.cpp Q8_0 arm64 {v} (-march={r['march']})"
+        for ref, key in (("hf", "min_agreement_hf"), ("x86_q8_0", "min_agreement_x86_q8_0")):
+            rate = r["agreement"][ref]
+            if rate < a[key]:
+                side = "hf" if ref == "hf" else "q8_0"
+                fails.append(f"rung arm64.{v}.agreement.{ref}: {rate:.3f} < {a[key]}: {who} disagrees with "
+                             f"{RUNTIME[side]} (x86) on {_count(1 - rate, n)}/{n} photos"
+                             + _names(offenders, f"arm64.{v}.{side}"))
+        only = r["invalid_rate"]["arm64_only"]
+        if only > a["max_invalid_rate"]:
+            fails.append(f"rung arm64.{v}.invalid_rate: {only:.3f} > {a['max_invalid_rate']}: {who} answers no label "
+                         f"where {RUNTIME['hf']} does on {_count(only, n)}/{n} photos"
+                         + _names(offenders, f"arm64.{v}.invalid"))
+        if r["logits"]["kl_hf"] > a["max_kl_hf"]:
+            fails.append(f"rung arm64.{v}.logits.kl_hf: {r['logits']['kl_hf']:g} > {a['max_kl_hf']}: {who}'s first-token "
+                         f"label probabilities drift from {RUNTIME['hf']}'s (max {r['logits']['kl_hf_max']:g})")
     return fails
+
+
+def _names(offenders: dict[str, list[str]], rung: str) -> str:
+    """': a, b, ...' naming up to ten of the rung's offending photos; '' when there are none."""
+    ids = offenders.get(rung, [])
+    return f": {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}" if ids else ""
 
 
 def _count(rate: float, n: int) -> int:

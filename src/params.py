@@ -74,6 +74,7 @@ def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, A
 # runtime.yaml's one key that is not a distribution: the llama.cpp build flags, which `make setup`
 # records in the venv beside the wheel it built with them.
 LLAMA_CPP_CMAKE = "llama_cpp_cmake"
+LLAMA_CPP_ARM64 = "llama_cpp_arm64"  # the arm64 probe's -march per variant: src/arm64 builds and caches per flags
 
 
 def installed(key: str) -> str:
@@ -87,11 +88,11 @@ def installed(key: str) -> str:
         return "not installed"
 
 
-def runtime_mismatches(pins: dict[str, str]) -> list[str]:
+def runtime_mismatches(pins: dict[str, Any]) -> list[str]:
     """One line per runtime.yaml pin whose installed counterpart differs (or is missing)."""
     return [f"{RUNTIME}: {key} = {want!r}: installed is {have}; expected the pinned "
             f"{'build' if key == LLAMA_CPP_CMAKE else 'version'} (run `make setup`, which installs {RUNTIME}'s pins)"
-            for key, want in pins.items() if (have := installed(key)) != str(want)]
+            for key, want in pins.items() if key != LLAMA_CPP_ARM64 and (have := installed(key)) != str(want)]
 
 
 def fail(lines: list[str]) -> None:
@@ -117,7 +118,9 @@ def stage_params(stage: str, root: Path = ROOT) -> dict[str, Any]:
     out = select(params, keys["params.yaml"], source)
     if RUNTIME in keys:  # handed over as out["runtime"]: the model card reports the versions
         pins = yaml.safe_load((root / RUNTIME).read_text())
-        out["runtime"] = {k: str(_get(pins, k, root / RUNTIME)) for k in keys[RUNTIME]}
+        out["runtime"] = {}
+        for k in keys[RUNTIME]:  # nested as in runtime.yaml: llama_cpp_arm64.dotprod -> {"llama_cpp_arm64": {"dotprod": ...}}
+            _set(out["runtime"], k, str(_get(pins, k, root / RUNTIME)))
         bad = runtime_mismatches(out["runtime"])
         if bad:
             fail(bad)

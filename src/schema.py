@@ -345,6 +345,26 @@ class QuantizeQ8(Section):
     ftype: Literal["q8_0"]
 
 
+class Arm64(Section):
+    """eval_parity's arm64 rung: which variants (runtime.yaml llama_cpp_arm64 keys) on how many photos, and its gates."""
+
+    sample: NonNeg  # 0: no arm64 rung
+    variants: list[Text]
+    min_agreement_hf: Rate
+    min_agreement_x86_q8_0: Rate
+    max_invalid_rate: Rate
+    max_kl_hf: NonNegF
+
+    @model_validator(mode="after")
+    def something_to_run(self) -> Arm64:
+        if self.sample and not self.variants:
+            raise rule("variants", self.variants, "a sample to run needs a variant to run it on",
+                       "at least one of runtime.yaml llama_cpp_arm64's variants (or sample: 0)")
+        if len(set(self.variants)) != len(self.variants):
+            raise rule("variants", self.variants, "a variant is named twice", "distinct variants")
+        return self
+
+
 class EvalParity(Section):
     n_ctx: Annotated[int, Field(ge=512, le=131072)]
     min_agreement_f16: Rate
@@ -352,6 +372,7 @@ class EvalParity(Section):
     max_invalid_rate_q8_0: Rate
     min_layout_identical_rate: Rate
     max_canvas_abs_diff: Annotated[float, Field(ge=0, le=255)]
+    arm64: Arm64
 
 
 class Grid(Section):

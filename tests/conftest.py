@@ -40,6 +40,7 @@ TINY = {
     "split.test": 0.2,
     "finetune.epochs": 10,
     "finetune.batch_size": 4,
+    "eval_parity.arm64.sample": 5,  # one photo a class on each arm64 variant: emulation costs seconds a photo
 }
 
 
@@ -110,9 +111,10 @@ def copy_project(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] 
     for k, v in overrides.items():
         set_param(params, k, v)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # the converter lives in the project's .cache; link it rather than unpack it again
+    # the converter lives in the project's .cache, the sdist beside it (the arm64 probe's sources):
+    # link them rather than unpack or download them again
     (dest / ".cache").mkdir(exist_ok=True)
-    for vendor in (ROOT / ".cache").glob("llama.cpp-*"):
+    for vendor in [*(ROOT / ".cache").glob("llama.cpp-*"), *(ROOT / ".cache").glob("sdist")]:
         (dest / ".cache" / vendor.name).symlink_to(vendor)
     (dest / ".gitignore").write_text("/.cache/\n__pycache__/\n")
     return dest

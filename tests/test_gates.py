@@ -18,7 +18,12 @@ Q = PARAMS["release"]
 def metrics(**over: Any) -> dict[str, Any]:
     m = {"n_test": 30, "canvas": {"max_abs_diff": 0.0}, "eos": {"ok": True, "contract": "e", "hf": "e", "gguf": "e"},
          "layout": {"identical_rate": 1.0}, "agreement": {"f16": 1.0, "q8_0": 1.0},
-         "invalid_rate": {"hf": 0.0, "f16": 0.0, "q8_0": 0.0, "q8_0_only": 0.0, "every_runtime": 0.0}}
+         "invalid_rate": {"hf": 0.0, "f16": 0.0, "q8_0": 0.0, "q8_0_only": 0.0, "every_runtime": 0.0},
+         "arm64": {"n": 10, "variants": {v: {"march": f"armv8.2-a+{v}", "qemu_cpu": "max",
+                                             "agreement": {"hf": 1.0, "x86_q8_0": 1.0},
+                                             "invalid_rate": {"arm64": 0.0, "arm64_only": 0.0},
+                                             "logits": {"kl_hf": 1e-6, "kl_hf_max": 2e-6}}
+                                         for v in G["arm64"]["variants"]}}}
     for dotted, v in over.items():
         node = m
         *parents, leaf = dotted.split("__")
@@ -80,11 +85,36 @@ def test_a_class_missing_from_the_test_split_is_refused_with_the_counts() -> Non
     ("agreement__f16", 0.5, "rung agreement.f16"),
     ("agreement__q8_0", 0.5, "rung agreement.q8_0"),
     ("invalid_rate__q8_0_only", 0.5, "rung invalid_rate.q8_0_only"),
+    ("arm64__variants__dotprod__agreement__hf", 0.5, "rung arm64.dotprod.agreement.hf"),
+    ("arm64__variants__dotprod__agreement__x86_q8_0", 0.5, "rung arm64.dotprod.agreement.x86_q8_0"),
+    ("arm64__variants__dotprod__invalid_rate__arm64_only", 0.5, "rung arm64.dotprod.invalid_rate"),
+    ("arm64__variants__dotprod__logits__kl_hf", 0.5, "rung arm64.dotprod.logits.kl_hf"),
 ])
 def test_each_rung_fails_alone_and_passes_at_its_threshold(dotted: str, value: Any, rung: str) -> None:
     fails = gates(metrics(**{dotted: value}), G, {})
     assert len(fails) == 1 and fails[0].startswith(rung)
     at = {"canvas__max_abs_diff": G["max_canvas_abs_diff"], "layout__identical_rate": G["min_layout_identical_rate"], "agreement__f16": G["min_agreement_f16"],
-          "agreement__q8_0": G["min_agreement_q8_0"], "invalid_rate__q8_0_only": G["max_invalid_rate_q8_0"]}
+          "agreement__q8_0": G["min_agreement_q8_0"], "invalid_rate__q8_0_only": G["max_invalid_rate_q8_0"],
+          "arm64__variants__dotprod__agreement__hf": G["arm64"]["min_agreement_hf"],
+          "arm64__variants__dotprod__agreement__x86_q8_0": G["arm64"]["min_agreement_x86_q8_0"],
+          "arm64__variants__dotprod__invalid_rate__arm64_only": G["arm64"]["max_invalid_rate"],
+          "arm64__variants__dotprod__logits__kl_hf": G["arm64"]["max_kl_hf"]}
     if dotted in at:
         assert gates(metrics(**{dotted: at[dotted]}), G, {}) == []
+
+
+def test_arm64_rung_names_the_variant_its_march_and_the_photos() -> None:
+    m = metrics(arm64__variants__i8mm__agreement__x86_q8_0=0.9)
+    fails = gates(m, G, {"arm64.i8mm.q8_0": ["beach.jpg (llama.cpp Q8_0 water, llama.cpp Q8_0 arm64 i8mm fire)"]})
+    assert fails == ["rung arm64.i8mm.agreement.x86_q8_0: 0.900 < 0.99: llama.cpp Q8_0 arm64 i8mm "
+                     "(-march=armv8.2-a+i8mm) disagrees with llama.cpp Q8_0 (x86) on 1/10 photos: "
+                     "beach.jpg (llama.cpp Q8_0 water, llama.cpp Q8_0 arm64 i8mm fire)"]
+
+
+def test_a_variant_the_params_ask_for_but_the_metrics_lack_fails_and_sample_0_turns_the_rung_off() -> None:
+    m = metrics()
+    del m["arm64"]["variants"]["i8mm"]
+    assert gates(m, G, {}) == ["rung arm64.i8mm: not in the metrics (eval_parity did not run it; rerun eval_parity)"]
+    off = {**G, "arm64": {**G["arm64"], "sample": 0}}
+    del m["arm64"]
+    assert gates(m, off, {}) == []

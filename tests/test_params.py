@@ -202,3 +202,12 @@ def test_empty_default_folder_is_one_line_naming_the_param(tmp_path: Path) -> No
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == ("params.yaml: download.folder.path = 'data/sources/photos': no photos in it; "
                                   "expected photos in one subfolder per class (water/, land/, fire/, wood/, metal/)")
+
+
+def test_build_flags_are_checked_against_the_venvs_record_and_arm64_flags_are_not_a_distribution() -> None:
+    from src.params import runtime_mismatches
+
+    built = (Path(sys.prefix) / "llama_cpp_cmake").read_text().strip()  # make setup records it
+    assert runtime_mismatches({"llama_cpp_cmake": built, "llama_cpp_arm64": {"dotprod": "armv8.2-a+dotprod"}}) == []
+    (line,) = runtime_mismatches({"llama_cpp_cmake": "-DGGML_NATIVE=ON"})
+    assert line.startswith("runtime.yaml: llama_cpp_cmake = '-DGGML_NATIVE=ON': llama-cpp-python was built with ")

@@ -85,8 +85,12 @@ def test_dvc_hashes_come_from_the_lock_and_say_unknown_otherwise(tmp_path: Path)
 
 
 def test_card_states_metrics_data_and_files_for_people() -> None:
-    p = {**yaml.safe_load((ROOT / "params.yaml").read_text()), "runtime": {"torch": "1.0"}}
-    parity = {"accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0}}
+    runtime = yaml.safe_load((ROOT / "runtime.yaml").read_text())
+    p = {**yaml.safe_load((ROOT / "params.yaml").read_text()),
+         "runtime": {"torch": "1.0", "llama_cpp_python": runtime["llama_cpp_python"], "llama_cpp_cmake": "-DGGML_AVX2=ON",
+                     "llama_cpp_arm64": {"dotprod": "armv8.2-a+dotprod"}}}
+    parity = {"n_test": 4, "accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0},
+              "arm64": {"n": 2, "variants": {"dotprod": {"march": "armv8.2-a+dotprod", "qemu_cpu": "cortex-a76"}}}}
     per_class = per_class_accuracy([A, A, B, D], [A, B, B, D], C.labels)
     counts = {s: {"n": 1, **{x: int(x == A) for x in C.labels}} for s in ("train", "val", "test")}
     files = {BUNDLE["model"]: {"bytes": 3, "md5": "m", "sha256": "s" * 64}}
@@ -97,6 +101,10 @@ def test_card_states_metrics_data_and_files_for_people() -> None:
     assert f"| train | 1 | {' | '.join('1' if x == A else '0' for x in C.labels)} |" in md
     assert f"| {BUNDLE['model']} | 3 | `{'s' * 64}` |" in md
     assert "`models/q8` md5 `abc`" in md and "Runtime: torch 1.0" in md
+    assert "llama_cpp_arm64.dotprod armv8.2-a+dotprod" in md
+    # which kernels proved it: the x86 flags on every rung, each arm64 -march on its rung
+    assert "- x86, every rung on 4 test photos: `-DGGML_AVX2=ON`" in md
+    assert "- arm64 dotprod, the arm64 rung on 2 test photos under qemu -cpu cortex-a76: `-march=armv8.2-a+dotprod`" in md
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@ Inputs:  SPLIT/test.jsonl, the canvases (RESIZE256) and original photos (DOWNLOA
          transformers model (FINETUNE), the f16 text GGUF + mmproj (CONVERT_GGUF), the Q8_0 text
          GGUF (QUANTIZE_Q8).
 Outputs: METRICS (nested JSON, the ladder below), IMAGES (per-image CSV: id, name (file name or URL),
-         truth, answers, first-token label probabilities), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
-Params:  contract.*, eval_parity.*
+         truth, answers, first-token label probabilities; arm64 answers on the rung's sample), CONFUSION (truth vs Q8_0 answer, for `dvc plots`).
+Params:  contract.*, eval_parity.* (eval_parity.arm64.*: the arm64 rung's sample, variants and gates),
+         runtime.yaml llama_cpp_arm64.* (each variant's -march)
 Command: python -m src.stages.eval_parity data/split data/resize256 data/download models/finetune \
              models/convert_gguf models/quantize_q8 metrics/parity.json metrics/parity_images.csv \
              metrics/parity_confusion.json
@@ -19,6 +20,11 @@ The ladder, each rung a key of the metrics:
   accuracy / agreement / invalid_rate   greedy answers of HF, f16 and Q8_0. invalid_rate.q8_0_only
            counts photos where Q8_0 answers no label but transformers does: the same invalid answer
            on every runtime is the model's quality (release's gate), not parity.
+  arm64    the Q8_0 GGUF + mmproj on the phone's instruction set: llama.cpp cross-built for each
+           variant of runtime.yaml `llama_cpp_arm64` (src/arm64.py) and run under qemu on
+           `eval_parity.arm64.sample` test photos (classes in turn): agreement with transformers and
+           with x86 Q8_0, invalid rate, first-token KL against transformers over the labels. Emulation
+           is slow: the seconds per photo are printed, never written (no clocks in outputs).
 Before any rung, every class must have a photo in the test split (else there is nothing to judge).
 A rung below its gate fails the stage with a report naming the rung, the runtimes that disagree and
 the photos by the names the user knows.
@@ -32,6 +38,7 @@ import argparse
 import csv
 import io
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from src import vlm
+from src import arm64, vlm
 from src.canvas import android_canvas, canvas_png, decode, to_canvas
 from src.contract import Contract
 from src.artifacts import text_gguf, the_mmproj
@@ -80,10 +87,77 @@ def canvas_rung(photo: bytes, stored: bytes, contract: Contract) -> tuple[Image.
     return train, android, float(np.abs(a.astype(int) - b.astype(int)).max()), psnr(a, b), canvas_png(train) == stored
 
 
+@dataclass(frozen=True)
+class Arm64Rung:
+    """The arm64 rung's run: `sample` test photos through each variant's probe, {variant: (-march, probe)}."""
+
+    sample: int
+    probes: dict[str, tuple[str, Path]]
+
+
+def arm64_sample(rows: list[dict[str, Any]], n: int, labels: tuple[str, ...]) -> list[str]:
+    """The ids of `n` test photos, the classes in turn (in test-split order within a class)."""
+    by_class = {label: [r["id"] for r in rows if r["element"] == label] for label in labels}
+    picked: list[str] = []
+    i = 0
+    while len(picked) < n and any(i < len(v) for v in by_class.values()):
+        picked += [v[i] for v in by_class.values() if i < len(v)][: n - len(picked)]
+        i += 1
+    return picked
+
+
+def arm64_rung(rung: Arm64Rung, rows: list[Row], canvases: Path, q8: tuple[Path, Path], prompt: str,
+               contract: Contract, n_ctx: int, label_ids: list[int], q8_logits: dict[str, np.ndarray],
+               offenders: dict[str, list[str]]) -> dict[str, Any]:
+    """Each variant's answers on `rows` (already judged on x86) against transformers' and x86 Q8_0's."""
+    images = [Image.open(canvases / r.canvas).convert("RGB") for r in rows]
+    out: dict[str, Any] = {"n": len(rows), "variants": {}}
+    for variant, (march, probe) in rung.probes.items():
+        start = time.monotonic()
+        answers = arm64.run(probe, variant, *q8, prompt, images, contract.generation.max_new_tokens, n_ctx)
+        per_photo = (time.monotonic() - start) / max(len(rows), 1)
+        side, who = f"arm64_{variant}", f"llama.cpp Q8_0 arm64 {variant}"
+        for k in ("hf", "q8_0", "invalid"):
+            offenders[f"arm64.{variant}.{k}"] = []
+        kls, kls_x86, diffs = [], [], []
+        for row, ans in zip(rows, answers):
+            row.raw[side], row.answers[side] = ans.text, parse_answer(ans.text, ans.stopped, contract)
+            row.probs[side] = label_probs(ans.first_logits, label_ids).tolist()
+            kls.append(kl(np.array(row.probs["hf"]), np.array(row.probs[side])))
+            kls_x86.append(kl(np.array(row.probs["q8_0"]), np.array(row.probs[side])))
+            diffs.append(float(np.abs(ans.first_logits - q8_logits[row.id]).max()))
+            for ref in ("hf", "q8_0"):
+                if row.answers[side] != row.answers[ref]:
+                    offenders[f"arm64.{variant}.{ref}"].append(f"{row.name} ({RUNTIME[ref]} {_said(row, ref)}, "
+                                                               f"{who} {_said(row, side)})")
+            if row.answers[side] is None and row.answers["hf"] is not None:
+                offenders[f"arm64.{variant}.invalid"].append(f"{row.name} ({RUNTIME['hf']} {row.answers['hf']}, "
+                                                             f"{who} {row.raw[side]!r})")
+        n = len(rows)
+        out["variants"][variant] = {
+            "march": march, "qemu_cpu": arm64.QEMU_CPU.get(variant, "max"),
+            "agreement": {"hf": round(1 - len(offenders[f"arm64.{variant}.hf"]) / n, 4) if n else 0.0,
+                          "x86_q8_0": round(1 - len(offenders[f"arm64.{variant}.q8_0"]) / n, 4) if n else 0.0},
+            "invalid_rate": {"arm64": round(sum(r.answers[side] is None for r in rows) / n, 4) if n else 0.0,
+                             "arm64_only": round(len(offenders[f"arm64.{variant}.invalid"]) / n, 4) if n else 0.0},
+            "logits": {"kl_hf": round(float(np.mean(kls)) if kls else 0.0, 6), "kl_hf_max": round(max(kls, default=0.0), 6),
+                       "kl_x86_q8_0_max": round(max(kls_x86, default=0.0), 6),
+                       "max_abs_diff_x86_q8_0": round(max(diffs, default=0.0), 6)},
+        }
+        # a clock, so printed and never written (the metrics hold no timings)
+        print(f"eval_parity: arm64 {variant} (-march={march}, qemu -cpu {arm64.QEMU_CPU.get(variant, 'max')}): "
+              f"{per_photo:.1f} s per photo under emulation, {n} photos", flush=True)
+    return out
+
+
 def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photos: dict[str, bytes],
            model_dir: Path, f16: tuple[Path, Path], q8: tuple[Path, Path], n_ctx: int,
-           llama_prompt: str | None = None) -> tuple[dict[str, Any], list[Row], dict[str, list[str]]]:
-    """Run every rung on `rows`. `llama_prompt` overrides the rendered llama.cpp prompt (tests break parity with it)."""
+           llama_prompt: str | None = None,
+           arm64_run: Arm64Rung | None = None) -> tuple[dict[str, Any], list[Row], dict[str, list[str]]]:
+    """Run every rung on `rows`. `llama_prompt` overrides the rendered llama.cpp prompt (tests break parity with it).
+
+    `arm64_run` adds the arm64 rung (metrics key `arm64`) on its sample of `rows`, with the same prompt.
+    """
     model, processor = vlm.load(str(model_dir))
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
@@ -94,6 +168,9 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                                        "canvas": []}
     canvas_diffs, canvas_psnrs, stored_same, flips, image_tokens = [], [], [], 0, set()
     logit_diffs, kls = [], []
+    arm_ids = set(arm64_sample(rows, arm64_run.sample, contract.labels)) if arm64_run else set()
+    q8_logits: dict[str, np.ndarray] = {}  # x86 Q8_0's first-token logits of the arm64 sample
+    arm = None
     with LlamaVLM(*f16, n_ctx=n_ctx) as vf16, LlamaVLM(*q8, n_ctx=n_ctx) as vq8:
         prompt = llama_prompt if llama_prompt is not None else contract.prompt_for(vf16.marker())
         eos = {"contract": contract.target.eos, "hf": tok.convert_ids_to_tokens(model.generation_config.eos_token_id),
@@ -139,6 +216,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                     logit_diffs.append(float(np.abs(ans.first_logits[: len(hf_logits)] - hf_logits).max()))
                 else:
                     kls.append(kl(np.array(row.probs["hf"]), np.array(row.probs["q8_0"])))
+                    if row.id in arm_ids:
+                        q8_logits[row.id] = ans.first_logits
                 if row.answers[side] != row.answers["hf"]:
                     offenders[side].append(f"{row.name} ({RUNTIME['hf']} {_said(row, 'hf')}, "
                                            f"{RUNTIME[side]} {_said(row, side)})")
@@ -149,6 +228,11 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                 flips += 1
                 offenders["flips"].append(row.name)
             out.append(row)
+        if arm64_run is not None:
+            by_id = {r.id: r for r in out}
+            sample = [by_id[i] for i in arm64_sample(rows, arm64_run.sample, contract.labels)]
+            arm = arm64_rung(arm64_run, sample, canvases, q8, prompt, contract, n_ctx, label_ids, q8_logits,
+                             offenders)
 
     n = len(out)
 
@@ -174,6 +258,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                          "q8_0_only": rate(lambda x: x.answers["q8_0"] is None and x.answers["hf"] is not None),
                          "every_runtime": rate(lambda x: all(x.answers[s] is None for s in ("hf", "f16", "q8_0")))},
     }
+    if arm is not None:
+        metrics["arm64"] = arm
     return metrics, out, offenders
 
 
@@ -186,10 +272,13 @@ def images_csv(rows: list[Row], labels: tuple[str, ...]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     sides = ("hf", "f16", "q8_0")
-    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels]])
+    arm = sorted({s for r in rows for s in r.answers if s.startswith("arm64_")})  # the arm64 sample's rows only
+    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels],
+                *arm])
     for r in rows:
         w.writerow([r.id, r.name, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
-                    r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]]])
+                    r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]],
+                    *[(r.answers[s] or f"INVALID:{r.raw[s]!r}") if s in r.answers else "" for s in arm]])
     return buf.getvalue()
 
 
@@ -207,9 +296,20 @@ def main() -> None:
     records = {r["id"]: r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"}
     photos = {r["id"]: (args.download / records[r["id"]]["path"]).read_bytes() for r in rows if r["id"] in records}
     mm = the_mmproj(args.convert_gguf)
+    marches = p["runtime"].get(arm64.KEY, {})
+    unknown = [v for v in g["arm64"]["variants"] if v not in marches]
+    if unknown:
+        raise SystemExit(f"eval_parity: eval_parity.arm64.variants names {', '.join(unknown)}: no -march for it in "
+                         f"runtime.yaml {arm64.KEY} as this stage declares it (dvc.yaml); known: {', '.join(marches)}")
+    # built (or taken from the cache) before any model loads: a missing cross compiler stops the stage early
+    rung = None
+    if g["arm64"]["sample"]:
+        wanted = {v: marches[v] for v in g["arm64"]["variants"]}
+        probes = arm64.build(wanted, p["runtime"]["llama_cpp_python"])
+        rung = Arm64Rung(g["arm64"]["sample"], {v: (m, probes[v]) for v, m in wanted.items()})
     metrics, out, offenders = ladder(contract, rows, args.resize256, photos, args.finetune,
                                      (text_gguf(args.convert_gguf, "f16"), mm), (text_gguf(args.quantize_q8, "q8_0"), mm),
-                                     g["n_ctx"])
+                                     g["n_ctx"], arm64_run=rung)
     write_json(args.metrics, metrics)
     write_text_atomic(args.images, images_csv(out, contract.labels))
     write_json(args.confusion, [{"truth": r.truth, "predicted": r.answers["q8_0"] or "invalid"} for r in out])

@@ -6,10 +6,11 @@ Inputs:  QUANTIZE_Q8/text-q8_0.gguf, the mmproj in CONVERT_GGUF, SPLIT/*.jsonl (
 Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
            model.gguf       the Q8_0 text GGUF          mmproj.gguf    the vision projector
            contract.json    src/contract.py Contract    grammar.gbnf   exactly the labels (src/grammar.py)
-           model_card.json  metrics, base model, data counts, params, runtime versions, DVC hashes
+           model_card.json  metrics, base model, data counts, params, runtime versions, DVC hashes,
+                            the kernels that proved it (x86 flags, arm64 -march, llama.cpp revision)
            model_card.md    the same for people
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
-Params:  contract.* (all of it: it ships), eval_parity gates and n_ctx, base.source/hub_id/revision/local_dir/smollm2.seed and the
+Params:  contract.* (all of it: it ships), eval_parity gates (arm64's too) and n_ctx, base.source/hub_id/revision/local_dir/smollm2.seed and the
          training params the card reports, quantize_q8.ftype, release.grid.*, release.min_accuracy,
          release.min_class_accuracy
 
@@ -43,7 +44,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from src import plots
+from src import arm64, plots
 from src.bases import describe
 from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
@@ -131,6 +132,16 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
         llm.close()
 
 
+def kernels(runtime: dict[str, str], parity: dict[str, Any]) -> dict[str, Any]:
+    """Which llama.cpp builds proved this bundle: the x86 baseline (every rung) and the arm64 variants (their rung)."""
+    arm = parity.get("arm64", {})
+    return {"llama_cpp_python": runtime["llama_cpp_python"],
+            "llama_cpp_revision": arm64.llama_cpp_revision(runtime["llama_cpp_python"]),
+            "x86": {"cmake": runtime["llama_cpp_cmake"], "photos": parity["n_test"]},
+            "arm64": {v: {"march": r["march"], "qemu_cpu": r["qemu_cpu"], "photos": arm["n"]}
+                      for v, r in arm.get("variants", {}).items()}}
+
+
 def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], finetune: dict[str, Any],
                per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], dvc: dict[str, str]) -> dict[str, Any]:
     base = p["base"]
@@ -140,7 +151,8 @@ def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], fi
         "base_model": {**base, "description": describe(base)},
         "runtime": {"engine": "llama.cpp mtmd", "text": f"{BUNDLE['model']} ({p['quantize_q8']['ftype']})",
                     "mmproj": BUNDLE["mmproj"], "n_ctx": p["eval_parity"]["n_ctx"],
-                    "decoding": "greedy as contract.generation, constrained by grammar.gbnf"},
+                    "decoding": "greedy as contract.generation, constrained by grammar.gbnf",
+                    "kernels": kernels(p["runtime"], parity)},
         "metrics": {"test_q8_0": {"accuracy": parity["accuracy"]["q8_0"], "agreement_with_hf": parity["agreement"]["q8_0"],
                                   "invalid_rate": parity["invalid_rate"]["q8_0"], "per_class": per_class},
                     "parity": parity, "finetune": finetune},
@@ -165,6 +177,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"invalid rate {m['invalid_rate']}", "",
         "| class | n | correct | accuracy |", "|---|---|---|---|",
         *[f"| {k} | {v['n']} | {v['correct']} | {v['accuracy']} |" for k, v in m["per_class"].items()], "",
+        "## Kernels that proved it", "",
+        *kernel_lines(card["runtime"]["kernels"]), "",
         "## Data", "",
         f"| split | n | {' | '.join(labels)} |", "|---|---|" + "---|" * len(labels),
         *[f"| {s} | {c['n']} | {' | '.join(str(c[label]) for label in labels)} |" for s, c in d.items()], "",
@@ -173,10 +187,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         "## Provenance", "",
         f"Built from these DVC outputs ({card['provenance']['commit']}):", "",
         *[f"- `{k}` md5 `{v}`" for k, v in card["provenance"]["dvc_deps_md5"].items()], "",
-        "Runtime: " + ", ".join(f"{k} {v}" for k, v in card["provenance"]["runtime"].items()), "",
+        "Runtime: " + ", ".join(f"{k}.{sub} {x}" if isinstance(v, dict) else f"{k} {v}"
+                                for k, v in card["provenance"]["runtime"].items()
+                                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])), "",
         "## Params", "", "```json", json.dumps(card["params"], indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
+
+
+def kernel_lines(k: dict[str, Any]) -> list[str]:
+    lines = [f"llama.cpp {k['llama_cpp_revision']} (llama-cpp-python {k['llama_cpp_python']}).",
+             f"- x86, every rung on {k['x86']['photos']} test photos: `{k['x86']['cmake']}`"]
+    lines += [f"- arm64 {v}, the arm64 rung on {a['photos']} test photos under qemu -cpu {a['qemu_cpu']}: "
+              f"`-march={a['march']}`" for v, a in k["arm64"].items()]
+    return lines
 
 
 def review_plots(out: Path, resize256: Path, rows: list[dict[str, str]], per_class: dict[str, Any],
