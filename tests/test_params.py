@@ -210,4 +210,5 @@ def test_build_flags_are_checked_against_the_venvs_record_and_arm64_flags_are_no
     built = (Path(sys.prefix) / "llama_cpp_cmake").read_text().strip()  # make setup records it
     assert runtime_mismatches({"llama_cpp_cmake": built, "llama_cpp_arm64": {"dotprod": "armv8.2-a+dotprod"}}) == []
     (line,) = runtime_mismatches({"llama_cpp_cmake": "-DGGML_NATIVE=ON"})
-    assert line.startswith("runtime.yaml: llama_cpp_cmake = '-DGGML_NATIVE=ON': llama-cpp-python was built with ")
+    assert line == (f"runtime.yaml: llama_cpp_cmake = '-DGGML_NATIVE=ON': installed is {built}; expected the pinned "
+                    "build (run `make setup`, which installs runtime.yaml's pins)")
