@@ -117,13 +117,14 @@ def test_the_best_epoch_is_the_lowest_val_loss_not_a_lucky_val_acc() -> None:
     """The issue's run: 5 val photos; val_acc 0.4 at epoch 1, where the model answered no label yet, then 0.2 at
     epochs whose val_loss was far lower. Ranking by val_acc merged epoch 1."""
     history = [{"epoch": 1, "val_acc": 0.4, "val_loss": 2.9}, {"epoch": 2, "val_acc": 0.2, "val_loss": 1.4},
-               {"epoch": 3, "val_acc": 0.2, "val_loss": 1.5}, {"epoch": 4, "val_acc": 0.4, "val_loss": 1.4}]
+               {"epoch": 3, "val_acc": 0.2, "val_loss": 1.5}]
     best = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}  # finetune's start
     for h in history:
         if better(h, best):
             best = h
-    assert best["epoch"] == 4  # lowest loss, 1.4 twice: the higher val_acc
-    assert not better({"val_loss": 1.4, "val_acc": 0.4}, history[3])  # all equal: the earlier epoch stays
+    assert best["epoch"] == 2
+    assert better({"val_loss": 1.4, "val_acc": 0.4}, history[1])  # equal loss: the higher val_acc
+    assert not better({"val_loss": 1.4, "val_acc": 0.2}, history[1])  # all equal: the earlier epoch stays
 
 
 def test_fingerprint_follows_params_and_labels() -> None:
