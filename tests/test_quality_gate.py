@@ -116,4 +116,3 @@ def test_the_35_photo_case_blames_the_demo_base_not_the_epochs(tmp_path: Path) -
     assert causes[0] == "the base cannot learn real photos", causes
     assert "the demo base (base.source builder)" in res.stderr and "download.source folder" in res.stderr
     assert "No number of epochs or photos fixes this" in res.stderr and "base.source hub" in res.stderr
-
