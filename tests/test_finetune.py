@@ -21,7 +21,7 @@ from src.canvas import decode, render_png, to_canvas
 from src.contract import Contract
 from src.demo import photo
 from src.records import sha256, write_bytes_atomic, write_jsonl
-from src.training import Example, Procs, answer_tokens, batch_loss, fingerprint, load_checkpoint, lora, \
+from src.training import Example, Procs, answer_tokens, batch_loss, better, fingerprint, load_checkpoint, lora, \
     save_checkpoint, train_epoch, trainable
 from tests.conftest import BIN, TINY_MODEL, copy_project, project_params
 
@@ -112,6 +112,20 @@ def test_a_checkpoint_resumes_the_next_epoch_exactly(tiny_model: tuple[Any, Any]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_best_epoch_is_the_lowest_val_loss_not_a_lucky_val_acc() -> None:
+    """The issue's run: 5 val photos; val_acc 0.4 at epoch 1, where the model answered no label yet, then 0.2 at
+    epochs whose val_loss was far lower. Ranking by val_acc merged epoch 1."""
+    history = [{"epoch": 1, "val_acc": 0.4, "val_loss": 2.9}, {"epoch": 2, "val_acc": 0.2, "val_loss": 1.4},
+               {"epoch": 3, "val_acc": 0.2, "val_loss": 1.5}]
+    best = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}  # finetune's start
+    for h in history:
+        if better(h, best):
+            best = h
+    assert best["epoch"] == 2
+    assert better({"val_loss": 1.4, "val_acc": 0.4}, history[1])  # equal loss: the higher val_acc
+    assert not better({"val_loss": 1.4, "val_acc": 0.2}, history[1])  # all equal: the earlier epoch stays
+
+
 def test_fingerprint_follows_params_and_labels() -> None:
     rows = [{"canvas_sha256": "a", "element": "fire"}, {"canvas_sha256": "b", "element": "water"}]
     fp = fingerprint({"finetune": {"lr": 1.0}}, rows)
@@ -158,6 +172,19 @@ def stage_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def weights(repo: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(repo / f"out-{name}" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_metrics_hold_the_val_curve_from_the_untrained_model_and_the_training_answers(stage_repo: Path) -> None:
+    """What release's quality gate diagnoses from: the curve, the best epoch by val_loss, the training photos."""
+    m = json.loads((stage_repo / "m-one.json").read_text())
+    losses = [h["val_loss"] for h in m["history"]]
+    assert [h["epoch"] for h in m["history"]] == list(range(1, STAGE["finetune.epochs"] + 1))
+    assert m["best_epoch"] == 1 + losses.index(min(losses)) and m["val_loss"] == min(losses)
+    assert m["val_loss_start"] > min(losses)  # it learned from the untrained model
+    assert m["val_loss_falling"] == (losses[-1] < min([m["val_loss_start"], *losses[:-1]]))
+    assert m["train_acc"] == 1 - m["train_disagree"] / N_TRAIN and len(m["train_disagree_photos"]) == m["train_disagree"]
+    assert all(" (labelled " in x and ", model " in x for x in m["train_disagree_photos"])
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 Inputs:  BASE/ the base model as the base stage fitted it to the contract, SPLIT/{train,val}.jsonl and
          the canvases under RESIZE256.
 Outputs: OUT/ a merged safetensors checkpoint with processor and tokenizer, configured by the
-         contract (geometry, EOS, text architecture) for conversion; METRICS (val accuracy,
-         val loss, samples/s, epochs); LIVE/ DVCLive logs for `dvc plots`.
+         contract (geometry, EOS, text architecture) for conversion; METRICS (the best epoch, the one of
+         lowest val loss, and its val accuracy; the val curve from the untrained model on; the training
+         photos the best weights answer as another class: what release's quality gate diagnoses from);
+         LIVE/ DVCLive logs for `dvc plots`.
          CKPT/ (scratch outside DVC's outputs) holds the last epoch, so a killed run resumes where it
          stopped; it is keyed by a fingerprint of params and data and ignored when they differ.
 Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, contract.vision.*
@@ -40,7 +42,7 @@ from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
 from src.native import at, supervise
 from src.params import stage_params
 from src.records import read_jsonl, sha256_file, write_json
-from src.training import Example, NullLive, Procs, evaluate, fingerprint, load_checkpoint, \
+from src.training import Example, NullLive, Procs, better, evaluate, fingerprint, load_checkpoint, \
     load_examples, lora, save_checkpoint, start_processes, stop_processes, train_epoch, trainable
 
 LOGGED = ("train_loss", "val_loss", "val_acc")
@@ -57,6 +59,7 @@ class Run:
     params: list[torch.Tensor]
     train: list[Example]
     val: list[Example]
+    names: dict[str, str]  # example id -> the photo's name as the user knows it (file name, URL)
     label_ids: list[int]
     cached: bool
     best: dict[str, torch.Tensor]
@@ -90,13 +93,16 @@ def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
     # the base's weights are part of what a checkpoint was trained on; its params are not ours to read
-    fp = fingerprint({**p, "base_sha256": sha256_file(args.base / "model.safetensors")}, train_rows + val_rows)
+    # state 2: the checkpoint holds the untrained model's val figures ("start"); an older one is not resumed
+    fp = fingerprint({**p, "base_sha256": sha256_file(args.base / "model.safetensors"), "state": 2},
+                     train_rows + val_rows)
     resumed = load_checkpoint(args.ckpt, net, opt, params, fp)
     if resumed:
         print(f"finetune: resuming after epoch {resumed[1]['epoch']} from {args.ckpt}")
     best, state = resumed or (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
                                                "best": {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}})
-    return Run(peft_model, net, processor, opt, params, train, val, label_ids, cached, best, state)
+    names = {r["id"]: r.get("name") or r["id"] for r in train_rows + val_rows}
+    return Run(peft_model, net, processor, opt, params, train, val, names, label_ids, cached, best, state)
 
 
 def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckpt: Path, live: Any) -> None:
@@ -106,6 +112,9 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
             live.log_metric(k, h[k])
         live.next_step()
     pad_id = run.processor.tokenizer.pad_token_id
+    if "start" not in run.state:  # the untrained model: what "the loss fell" is measured against, even after 1 epoch
+        acc, loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
+        run.state["start"] = {"val_acc": acc, "val_loss": loss}
     train_time, train_seen = 0.0, 0
     for epoch in range(run.state["epoch"] + 1, ft["epochs"] + 1):
         torch.manual_seed(ft["seed"] + epoch)  # per-epoch seed: a resumed epoch shuffles as the original
@@ -116,14 +125,13 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
                                  procs, f"epoch {epoch}/{ft['epochs']}")
         train_time += time.perf_counter() - t0
         train_seen += len(order)
-        val_acc, val_loss = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
+        val_acc, val_loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
         h = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
         run.state["history"].append(h)
         for k in LOGGED:
             live.log_metric(k, h[k])
         live.next_step()
-        b = run.state["best"]
-        if (val_acc, -val_loss) > (b["val_acc"], -b["val_loss"]):
+        if better(h, run.state["best"]):
             run.state["best"], run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, trainable(run.net)
         run.state["epoch"] = epoch
         run.state["samples_per_s"] = train_seen / train_time
@@ -132,16 +140,34 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
         print(f"epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
 
 
-def save(run: Run, out: Path, metrics: Path) -> None:
+def fit_record(run: Run, labels: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+    """What the run measured, for release's quality gate to diagnose a weak model from: the val curve from the
+    untrained model on, whether val_loss was still falling at the last epoch, and how the best epoch's weights
+    answer the training photos (a photo the model answers as another class is a candidate for a wrong label)."""
+    s = run.state
+    _, _, preds = evaluate(run.net, run.train, run.processor.tokenizer.pad_token_id, run.cached, run.label_ids,
+                           labels, batch_size)
+    disagree = [f"{run.names[e.id]} (labelled {e.label}, model {p})" for e, p in zip(run.train, preds) if p != e.label]
+    losses = [s["start"]["val_loss"]] + [h["val_loss"] for h in s["history"]]
+    return {"val_acc_start": s["start"]["val_acc"], "val_loss_start": s["start"]["val_loss"],
+            "history": [{k: h[k] for k in ("epoch", *LOGGED)} for h in s["history"]],
+            # the last epoch is the lowest val_loss yet: more epochs would likely lower it further
+            "val_loss_falling": len(losses) > 1 and losses[-1] < min(losses[:-1]),
+            "train_acc": 1 - len(disagree) / max(1, len(run.train)), "train_disagree": len(disagree),
+            "train_disagree_photos": sorted(disagree)[:20]}
+
+
+def save(run: Run, labels: tuple[str, ...], batch_size: int, out: Path, metrics: Path) -> None:
     """Merge the best epoch's weights and write the checkpoint and the metrics."""
     run.net.load_state_dict(run.best, strict=False)
+    record = fit_record(run, labels, batch_size)
     merged = run.peft_model.merge_and_unload().to("cpu")
     shutil.rmtree(out, ignore_errors=True)
     vlm.save(merged, run.processor, out)
     s = run.state
     write_json(metrics, {"val_acc": s["best"]["val_acc"], "val_loss": s["best"]["val_loss"],
                          "best_epoch": s["best"]["epoch"], "epochs": s["epoch"],
-                         "feature_cache": run.cached, "n_train": len(run.train), "n_val": len(run.val)})
+                         "feature_cache": run.cached, "n_train": len(run.train), "n_val": len(run.val), **record})
 
 
 def main() -> None:
@@ -160,10 +186,10 @@ def main() -> None:
     finally:
         stop_processes()
     if procs.main:
-        save(run, args.out, args.metrics)
+        save(run, labels_of(p["contract"]), p["finetune"]["batch_size"], args.out, args.metrics)
         b = run.state["best"]
         # A timing is printed, never written into an output: it would change a hash on every machine.
-        print(f"finetune: best val_acc {b['val_acc']:.3f} at epoch {b['epoch']} "
+        print(f"finetune: best val_loss {b['val_loss']:.4f} (val_acc {b['val_acc']:.3f}) at epoch {b['epoch']} "
               f"({run.state.get('samples_per_s', 0.0):.1f} samples/s) -> {args.out}")
 
 

@@ -12,12 +12,14 @@ Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
          PLOTS/ confusion.png, per_class_accuracy.png, sample_grid.png (Q8_0 answers on the test split).
 Params:  contract.* (all of it: it ships), eval_parity gates (arm64's too) and n_ctx, base.source/hub_id/revision/local_dir/smollm2.seed and the
          training params the card reports, quantize_q8.ftype, release.grid.*, release.min_accuracy,
-         release.min_class_accuracy
+         release.min_class_accuracy, download.source (the quality gate's diagnosis: demo photos or not)
 
 Two gates, apart: parity (eval_parity's, re-checked: the runtimes agree) and quality (the Q8_0
 answers on the test split reach release.min_accuracy overall and release.min_class_accuracy in
 every class; an invalid answer counts as wrong). A quality failure still writes the review plots,
-so the confusion matrix and the sample grid show what the model gets wrong, but no bundle.
+so the confusion matrix and the sample grid show what the model gets wrong, but no bundle, and says
+why from what the run measured (src/gates.py quality_diagnosis: finetune's val curve and training
+answers, the split's counts, the base and the photos' source).
 Command: python -m src.stages.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
              metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
              metrics/release
@@ -48,7 +50,7 @@ from src import arm64, plots
 from src.bases import describe
 from src.contract import Contract
 from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
-from src.gates import QUALITY_ADVICE, gates, quality_gates
+from src.gates import gates, quality_diagnosis, quality_gates
 from src.grammar import gbnf
 from src.native import at, supervise
 from src.params import stage_params
@@ -237,13 +239,16 @@ def main() -> None:
     if fails:
         invalid = sum(x == plots.INVALID for x in pred)
         ft = p["finetune"]
+        causes = quality_diagnosis(json.loads(args.finetune_metrics.read_text()),
+                                   data_counts(args.split, contract.labels), p, contract.labels)
         raise SystemExit(
             "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
             "released\n  " + "\n  ".join(fails) + "\n"
             f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
             f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
-            f"  Try: {QUALITY_ADVICE}; now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
-            f"base.source {p['base']['source']}")
+            f"  Diagnosis, from this run's measurements (now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
+            f"base.source {p['base']['source']}, download.source {p['download']['source']}):\n    - "
+            + "\n    - ".join(causes))
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
     copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
