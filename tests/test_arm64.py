@@ -16,10 +16,10 @@ from PIL import Image
 from src import arm64
 from src.schema import ParamsError, validate
 from src.stages.eval_parity import arm64_sample
-from tests.conftest import ROOT
+from tests.conftest import ROOT, project_params
 
 RUNTIME = yaml.safe_load((ROOT / "runtime.yaml").read_text())
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = project_params()
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
@@ -73,7 +73,7 @@ def test_the_sample_takes_the_classes_in_turn() -> None:
 
 
 def test_a_sample_with_no_variant_to_run_it_on_is_refused() -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = project_params()
     params["eval_parity"]["arm64"]["variants"] = []
     with pytest.raises(ParamsError) as e:
         validate(params)

@@ -21,9 +21,9 @@ from src.demo import photo
 from src.stages.eval_parity import Row, canvas_rung, images_csv, ladder, psnr
 from src.llama_runtime import LlamaVLM
 from src.records import read_jsonl
-from tests.conftest import ROOT, run
+from tests.conftest import project_params, run
 
-CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+CONTRACT = Contract.from_dict(project_params()["contract"])
 
 def test_psnr_is_99_for_identical_and_follows_the_mse() -> None:
     a = np.zeros((4, 4, 3), np.uint8)

@@ -25,9 +25,9 @@ from src.contract import Contract
 from src.reading import GENERATES, OVERCOMES, MEANING, ReadingError, canvases, default_bundle, links, load_bundle, \
     reading_text, relation
 from src.artifacts import BUNDLE
-from tests.conftest import ROOT
+from tests.conftest import ROOT, project_params
 
-CONTRACT = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+CONTRACT = Contract.from_dict(project_params()["contract"])
 ELEMENTS = sorted(GENERATES)
 
 

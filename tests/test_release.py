@@ -28,7 +28,7 @@ from src.artifacts import BUNDLE, PLOTS
 from src.plots import INVALID, per_class_accuracy
 from src.records import write_jsonl
 from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, grid_rows, model_card
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, project_params, run
 
 NAME = "element-classifier"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,7 @@ def test_dvc_hashes_come_from_the_lock_and_say_unknown_otherwise(tmp_path: Path)
 
 def test_card_states_metrics_data_and_files_for_people() -> None:
     runtime = yaml.safe_load((ROOT / "runtime.yaml").read_text())
-    p = {**yaml.safe_load((ROOT / "params.yaml").read_text()),
+    p = {**project_params(),
          "runtime": {"torch": "1.0", "llama_cpp_python": runtime["llama_cpp_python"], "llama_cpp_cmake": "-DGGML_AVX2=ON",
                      "llama_cpp_arm64": {"dotprod": "armv8.2-a+dotprod"}}}
     parity = {"n_test": 4, "accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0},

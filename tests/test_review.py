@@ -29,7 +29,7 @@ from src.review import compare
 from src.review.compare import differs, flatten
 from src.review.forge import main as post
 from src.schema import ParamsError, validate
-from tests.conftest import ROOT, run, set_param
+from tests.conftest import ROOT, project_params, run, set_param
 from tests.forge_server import FakeForge
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -94,7 +94,7 @@ def first_test_photo(repo: Path) -> dict[str, str]:
 
 
 def other_label(label: str) -> str:
-    labels = yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]["labels"]
+    labels = project_params()["contract"]["labels"]
     return next(x for x in labels if x != label)
 
 
@@ -242,7 +242,7 @@ def test_ci_mode_keeps_photos_on_the_runner_unless_a_param_opts_in(record_repo: 
 
 
 def test_the_review_section_is_validated_like_every_param() -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = project_params()
     set_param(params, "review.max_drop.accuracy", 2)
     with pytest.raises(ParamsError) as e:
         validate(params)
@@ -409,7 +409,7 @@ def test_the_tiny_pipeline_reviewed_across_a_lora_change_a_prompt_change_and_a_r
     assert flipped > 0, "neither change moved an answer: the test cannot show a flip"
 
     # a deliberate regression: an untrained model (release refuses it; its metrics are still written)
-    defaults = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    defaults = flatten(project_params())
     edit_yaml(repo / "params.yaml", {"finetune.lr": 0.0, "finetune.epochs": 1, **{k: defaults[k] for k in loose}})
     assert run(["dvc", "repro"], repo, check=False).returncode != 0
     revs.append(commit(repo, "lr 0"))

@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from src import vlm
 from src.contract import Contract, VisionSpec
-from tests.conftest import ROOT
+from tests.conftest import project_params
 
-C = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"])
+C = Contract.from_dict(project_params()["contract"])
 
 
 @pytest.fixture(scope="module")
