@@ -124,15 +124,18 @@ def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(
         prompt = contract.prompt_for(v.marker())
         x86 = [v.generate(prompt, c, gen) for c in images]
     arm = arm64.run(probe, "dotprod", *q8(tiny_repo), prompt, images, gen.max_new_tokens, n_ctx)
+    kernels = []
     for a, x in zip(arm, x86):
         assert (a.tokens, a.text, a.stopped) == (x.tokens, x.text, x.stopped)
         # same weights and graph, other kernels (NEON dot product vs AVX2): only the rounding differs
         # (measured: up to 0.018 on the tiny pipeline and on the demo)
-        assert np.abs(a.first_logits - x.first_logits).max() < 0.05
-    # the comparison can fail: a stray space in the prompt moves the first-token logits by more (measured 0.19)
+        kernels.append(float(np.abs(a.first_logits - x.first_logits).max()))
+        assert kernels[-1] < 0.05
+    # the comparison can fail: a stray space in the prompt moves the first-token logits by more than the
+    # kernels do (measured: 0.047 and 0.19 on two tiny pipelines, against 0.013 to 0.018 for the kernels)
     head, last = prompt.rsplit("\n", 1)
     moved = arm64.run(probe, "dotprod", *q8(tiny_repo), f"{head}\n {last}", images[:1], gen.max_new_tokens, n_ctx)
-    assert np.abs(moved[0].first_logits - x86[0].first_logits).max() > 0.05
+    assert np.abs(moved[0].first_logits - x86[0].first_logits).max() > 2 * max(kernels)
 
 
 @pytest.mark.slow
