@@ -76,11 +76,11 @@ SHAPES = {"water": "circle", "land": "square", "fire": "triangle", "wood": "bar"
 
 def shape_photo(rng: np.random.Generator, shape: str) -> bytes:
     w, h = int(rng.integers(200, 400)), int(rng.integers(200, 400))
-    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    top, bottom = rng.integers(0, 255, 3, endpoint=True), rng.integers(0, 255, 3, endpoint=True)
     t = np.linspace(0, 1, h)[:, None, None]
     pixels = (top * (1 - t) + bottom * t + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(np.broadcast_to(pixels, (h, w, 3)).copy())
-    d, fill = ImageDraw.Draw(img), tuple(int(x) for x in rng.integers(0, 256, 3))
+    d, fill = ImageDraw.Draw(img), tuple(int(x) for x in rng.integers(0, 255, 3, endpoint=True))
     r = int(rng.integers(30, min(w, h) // 3))
     cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
     if shape == "circle":
