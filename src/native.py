@@ -82,7 +82,8 @@ def supervise(stage: str, main: Callable[[], None]) -> None:
     progress.unlink(missing_ok=True)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        print(crash_line(stage, sig, note, stack), file=sys.stderr)
+        # on a line of its own: the child may have died in the middle of a progress bar's line
+        print("\n" + crash_line(stage, sig, note, stack), file=sys.stderr)
         raise SystemExit(128 + sig)
     stack.unlink(missing_ok=True)  # nothing crashed: nothing to look at
     raise SystemExit(os.WEXITSTATUS(status))
