@@ -4,6 +4,7 @@ repository whose pipeline runs in about a minute."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import signal
@@ -88,6 +89,16 @@ def kill_midway(script: str, args: list[str], journal: Path, rows: int, timeout_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return read_jsonl(journal)
+
+
+def stale_after(repo: Path, tmp_path: Path, edit: str, old: str, new: str) -> set[str]:
+    """The stages `dvc status` names in a copy of a reproduced repo after replacing `old` by `new` in `edit`."""
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    f = copy / edit
+    assert old in f.read_text()
+    f.write_text(f.read_text().replace(old, new))
+    return set(json.loads(run(["dvc", "status", "--json"], copy).stdout or "{}"))
 
 
 def copy_project(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | None = None) -> Path:

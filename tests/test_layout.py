@@ -13,7 +13,7 @@ import yaml
 from src import deps
 from src.params import ROOT, declared_keys, stage_params
 from src.schema import ParamsError, validate
-from tests.conftest import copy_project, project_params, run, set_param
+from tests.conftest import copy_project, project_params, run, set_param, stale_after
 
 
 PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())
@@ -85,16 +85,6 @@ def test_write_restores_what_a_hand_edit_dropped(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text(text.replace("      - src/geometry.py\n", ""))
     assert deps.write(tmp_path / "dvc.yaml") != []
     assert (tmp_path / "dvc.yaml").read_text() == text
-
-
-def stale_after(repo: Path, tmp_path: Path, edit: str, old: str, new: str) -> set[str]:
-    """The stages `dvc status` names in a copy of a reproduced repo after replacing `old` by `new` in `edit`."""
-    copy = tmp_path / "copy"
-    shutil.copytree(repo, copy, symlinks=True)
-    f = copy / edit
-    assert old in f.read_text()
-    f.write_text(f.read_text().replace(old, new))
-    return set(json.loads(run(["dvc", "status", "--json"], copy).stdout or "{}"))
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ import yaml
 
 from src.params import LLAMA_CPP_CMAKE, installed, stage_params
 from src.torch_pin import PIN
-from tests.conftest import ROOT, copy_project, run
-from tests.test_layout import stale_after
+from tests.conftest import ROOT, copy_project, run, stale_after
 
 PINNED = yaml.safe_load((ROOT / "runtime.yaml").read_text())[LLAMA_CPP_CMAKE]
 
