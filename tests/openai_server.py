@@ -11,12 +11,16 @@ injects faults per canvas, consumed one per request (`faults`), or on every requ
 (`always`): "429" (with Retry-After), "500", "timeout" (no answer until the client
 gives up), "garbage" (a 200 whose body is not JSON), "malformed" (message content
 not JSON), "offenum" (an element outside the schema's enum), "cutoff" (the reason runs
-on until the request's token budget, finish_reason `length`), "echo_key" (a 400 whose
-message quotes the caller's key back, as careless proxies do).
+on until the request's token budget, finish_reason `length`), "ramble" (a weak model under
+a server's guided decoding: the reason as long as the schema's `pattern` lets it be, one
+token a character, so it closes only if that bound fits the budget, and without a bound
+runs to the budget, cut off), "echo_key" (a 400 whose message quotes the caller's key
+back, as careless proxies do).
 
 It validates what it is sent (Bearer key, strict json_schema whose `element` enum is
 the label set, image detail) and answers 400/401 otherwise, so a test that passes
-also proves the request's shape. Every request is logged with its time.
+also proves the request's shape. Every request is logged with its time, its token
+limit and its response_format as received.
 
 `dialect="llama-cpp-python"` answers as that server's 0.3.36 does (tests/test_label.py
 runs the real one): `response_format` only as `json_object` + `schema`, anything else
@@ -31,6 +35,7 @@ import base64
 import email
 import hashlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ class Logged:
     canvas: str | None = None
     fault: str | None = None
     budget: int | None = None  # the token limit a chat request carried
+    response_format: dict[str, Any] | None = None  # as the server received it
 
 
 @dataclass
@@ -118,6 +124,11 @@ class FakeOpenAI:
         with self.lock:
             return [r.budget for r in self.log if r.canvas == canvas]
 
+    def response_formats(self) -> list[dict[str, Any]]:
+        """The response_format of every chat request and batch line received, in order."""
+        with self.lock:
+            return [r.response_format for r in self.log if r.response_format is not None]
+
     # -- the answer logic, shared by chat and batch -----------------------------------
     def _next_fault(self, canvas: str) -> str | None:
         with self.lock:
@@ -137,6 +148,9 @@ class FakeOpenAI:
         assert canvas is not None
         fault = self._next_fault(canvas)
         element = self.truth.get(canvas, labels[0])
+        budget = _budget(body, self.dialect) or N_CTX
+        if fault == "ramble":
+            return self._ramble(body, canvas, element, budget)
         if fault == "offenum":
             content = json.dumps({"element": OFF_ENUM, "reason": "it glows"})
         elif fault == "malformed":
@@ -162,6 +176,29 @@ class FakeOpenAI:
             "usage": usage,
         }, canvas, fault
 
+    def _ramble(self, body: dict[str, Any], canvas: str, element: str,
+                budget: int) -> tuple[int, dict[str, Any], str | None, str | None]:
+        """A reason as long as the schema's `pattern` (`{0,N}`) allows, as a grammar server decodes a weak model."""
+        pattern = ((_schema(body, self.dialect).get("properties") or {}).get("reason") or {}).get("pattern") or ""
+        bound = re.search(r"\{0,(\d+)\}\$$", pattern)
+        words = "and so on " * budget
+        reason = words[:int(bound[1])] if bound else words
+        content = json.dumps({"element": element, "reason": reason}, separators=(",", ":"))
+        tokens = len(content) + 1  # one token a character, and the end-of-text token
+        finish = "stop" if tokens <= budget else "length"
+        if finish == "length":
+            content, tokens = content[:budget], budget
+        text = "".join(p.get("text", "") for m in body["messages"] for p in _parts(m))
+        usage = {"prompt_tokens": 85 + len(text) // 4, "completion_tokens": tokens}
+        usage["total_tokens"] = usage["prompt_tokens"] + tokens
+        return 200, {
+            "id": f"chatcmpl-{canvas[:12]}", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "usage": usage,
+        }, canvas, "ramble"
+
     def _dialect_refusal(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """The refusal this server's dialect gives a field it does not take, else None."""
         rf_type = (body.get("response_format") or {}).get("type")
@@ -182,7 +219,8 @@ class FakeOpenAI:
             req = json.loads(line)
             status, body, canvas, fault = self.completion(req["body"])
             with self.lock:
-                self.log.append(Logged(time.time(), "BATCH", "batch-line", canvas, fault))
+                self.log.append(Logged(time.time(), "BATCH", "batch-line", canvas, fault,
+                                       _budget(req["body"], self.dialect), req["body"].get("response_format")))
             if fault in ("429", "500", "timeout", "garbage", "echo_key"):
                 status, body = 500, {"error": {"message": f"injected {fault}", "type": "server_error"}}
             row = {"id": f"req-{len(out) + len(err)}", "custom_id": req["custom_id"],
@@ -206,6 +244,12 @@ def _budget(body: dict[str, Any], dialect: str) -> int | None:
     return body.get("max_completion_tokens", body.get("max_tokens"))
 
 
+def _schema(body: dict[str, Any], dialect: str) -> dict[str, Any]:
+    """The answer's schema where this dialect reads it."""
+    rf = body.get("response_format") or {}
+    return (rf if dialect == "llama-cpp-python" else rf.get("json_schema") or {}).get("schema") or {}
+
+
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     c = message.get("content")
     return [{"type": "text", "text": c}] if isinstance(c, str) else list(c or [])
@@ -215,7 +259,7 @@ def _check_request(body: dict[str, Any], dialect: str = "openai") -> tuple[str |
     """A reason to refuse the request (or None), the canvas sha256 it carries, and the enum."""
     rf = body.get("response_format") or {}
     js = rf.get("json_schema") or {}
-    schema = (rf if dialect == "llama-cpp-python" else js).get("schema") or {}
+    schema = _schema(body, dialect)
     enum = ((schema.get("properties") or {}).get("element") or {}).get("enum") or []
     canvas = None
     detail = None
@@ -270,9 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
-    def _log(self, canvas: str | None = None, fault: str | None = None, budget: int | None = None) -> None:
+    def _log(self, canvas: str | None = None, fault: str | None = None, budget: int | None = None,
+             response_format: dict[str, Any] | None = None) -> None:
         with self.fake.lock:
-            self.fake.log.append(Logged(time.time(), self.command, self.path, canvas, fault, budget))
+            self.fake.log.append(Logged(time.time(), self.command, self.path, canvas, fault, budget, response_format))
 
     def do_POST(self) -> None:  # noqa: N802
         body = self._body()
@@ -359,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_chat(self, body: dict[str, Any]) -> None:
         fake = self.fake
         status, resp, canvas, fault = fake.completion(body)
-        self._log(canvas, fault, _budget(body, fake.dialect))  # on arrival: counts even if its caller is killed waiting
+        self._log(canvas, fault, _budget(body, fake.dialect), body.get("response_format"))  # on arrival: counts even if its caller is killed waiting
         if fake.hold_from and fake.chat_requests >= fake.hold_from:
             fake._released.wait()  # a known point to kill the client at, whatever the machine's speed
         if fake.delay_s:

@@ -249,7 +249,8 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
         line = str(e.value)
         assert "\n" not in line and srv.base_url in line
         assert ("refused the request's response_format (label.teacher.response_format=json_schema): HTTP 500: "
-                "Input should be 'text' or 'json_object'; try label.teacher.response_format=json_object") in line
+                "Input should be 'text' or 'json_object'; try label.teacher.response_format=json_object for llama-cpp-python "
+                "(README: Teacher servers)") in line
         assert srv.chat_requests == 1  # not retried six times, nor asked again for the next canvas
         # its own form, but the token limit in the field it does not read: the answer ran to the context's end
         with pytest.raises(SystemExit, match=r"ignored max_completion_tokens: an answer ran to \d+ tokens, over "
@@ -260,6 +261,13 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
                                        teacher__max_tokens_field="max_tokens"))
         assert {sha: r["element"] for sha, r in labels_by_sha(tmp_path).items()} == truth
         assert m["requests"] == 4 and srv.chat_requests == 6 and m["failed"] == 0
+        # vLLM's bounded form is OpenAI's wrapper too: refused the same way; the line names both other forms
+        with pytest.raises(SystemExit, match=r"\(label.teacher.response_format=json_schema_bounded\): HTTP 500: Input "
+                                             r"should be 'text' or 'json_object'; try label.teacher.response_format="
+                                             r"json_object for llama-cpp-python or json_schema for OpenAI \(README"):
+            run_stage(tmp_path, params(srv.base_url, concurrency=1, teacher__prompt="again: {labels}",
+                                       teacher__response_format="json_schema_bounded"))
+        assert srv.chat_requests == 7
     with FakeOpenAI(truth, key, dialect="openai-reasoning") as srv:  # max_tokens refused with a 400 naming it
         with pytest.raises(SystemExit, match=r"refused the request's max_tokens \(label.teacher.max_tokens_field="
                                              r"max_tokens\): HTTP 400: Unsupported parameter"):
@@ -270,7 +278,8 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
 
 def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, key: str) -> None:
     make_canvases(tmp_path / "resize256", 2)
-    with pytest.raises(SystemExit, match=r"^label: label.teacher.response_format='xml': expected json_schema or json_object$"):
+    with pytest.raises(SystemExit, match=r"^label: label.teacher.response_format='xml': expected json_schema, json_object "
+                                         r"or json_schema_bounded$"):
         run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="xml"))
     with pytest.raises(SystemExit, match=r"label.teacher.max_tokens_field='n_predict': expected max_completion_tokens or max_tokens"):
         run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__max_tokens_field="n_predict"))
@@ -293,11 +302,18 @@ def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(
         "type": "string", "description": "a few words: what in the image decided it",
         "maxLength": 59, "pattern": "^[ !#-Z^-~]{0,59}$"}
     assert local["max_tokens"] == 100
+    # vLLM's form: OpenAI's wrapper, the same bound as a pattern alone (xgrammar drops maxLength beside a pattern)
+    vllm = request_body(TeacherConfig.from_params(params(teacher__response_format="json_schema_bounded",
+                                                         teacher__max_tokens_field="max_tokens")["label"]), LABELS, b"png")
+    bounded = copy.deepcopy(body["response_format"])
+    bounded["json_schema"]["schema"]["properties"]["reason"]["pattern"] = "^[ !#-Z^-~]{0,59}$"
+    assert vllm["response_format"] == bounded and vllm["max_tokens"] == 100
     # a budget with no room for a reason is a config error, before any request
     make_canvases(tmp_path / "resize256", 2)
-    with pytest.raises(SystemExit, match=r"^label: label.teacher.max_tokens=41 leaves no room for the reason: the rest "
-                                         r"of the answer takes up to 41 tokens in the json_object form; set it above 41$"):
-        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="json_object", teacher__max_tokens=41))
+    for form in ("json_object", "json_schema_bounded"):
+        with pytest.raises(SystemExit, match=rf"^label: label.teacher.max_tokens=41 leaves no room for the reason: the "
+                                             rf"rest of the answer takes up to 41 tokens in the {form} form; set it above 41$"):
+            run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format=form, teacher__max_tokens=41))
 
 
 def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_path: Path, key: str) -> None:
@@ -326,6 +342,38 @@ def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_
         assert labels_by_sha(tmp_path)[s[2]]["error"] == (
             f"answer cut off at max_tokens=100 and again at {room}: the schema bounds the reason to 59 characters, "
             "so this server does not honour the schema's pattern; raise label.teacher.max_tokens (README: Teacher servers)")
+
+
+def test_the_vllm_form_bounds_the_reason_on_the_wire_and_a_rambler_closes(tmp_path: Path, key: str) -> None:
+    """json_schema_bounded against a server that decodes the schema as a grammar with a rambling model
+    ("ramble": the reason as long as the schema's pattern allows, else to the budget). The bounded form
+    closes every answer in one request; OpenAI's form, as the server receives it unchanged, is cut off twice."""
+    truth = make_canvases(tmp_path / "resize256", 4)
+    with FakeOpenAI(truth, key, always={s: "ramble" for s in truth}) as srv:
+        m = run_stage(tmp_path, params(srv.base_url, teacher__response_format="json_schema_bounded",
+                                       teacher__max_tokens_field="max_tokens"))
+        rows = labels_by_sha(tmp_path)
+        assert {s: r["element"] for s, r in rows.items()} == truth and m["failed"] == 0
+        assert all(len(r["reason"]) == 59 for r in rows.values())  # it rambled up to the bound, and closed
+        assert srv.chat_requests == 4 == m["requests"] and {b for s in truth for b in srv.budgets(s)} == {100}
+        received = srv.response_formats()
+        assert len(received) == 4 and all(
+            rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+            and rf["json_schema"]["schema"]["properties"]["reason"]["pattern"] == "^[ !#-Z^-~]{0,59}$"
+            and "maxLength" not in rf["json_schema"]["schema"]["properties"]["reason"] for rf in received)
+        # OpenAI's form: received as it always was, no bound; the same rambler runs through both budgets
+        p = params(srv.base_url, max_failure_rate=1.0, teacher__prompt="again: {labels}")
+        m = run_stage(tmp_path, p)
+        openai_form = {"type": "json_schema", "json_schema": {"name": "element_label", "strict": True, "schema": {
+            "type": "object", "properties": {"element": {"type": "string", "enum": list(LABELS)},
+                                             "reason": {"type": "string",
+                                                        "description": "a few words: what in the image decided it"}},
+            "required": ["element", "reason"], "additionalProperties": False}}}
+        assert srv.response_formats()[4:] == [openai_form] * 8
+        assert m["failed"] == 4 and m["requests"] == 8
+        assert {r["error"] for r in labels_by_sha(tmp_path).values()} == {
+            "answer cut off at max_completion_tokens=100 and again at 289: label.teacher.response_format=json_schema "
+            "leaves the reason unbounded; raise label.teacher.max_tokens (README: Teacher servers)"}
 
 
 def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cpp_pythons_grammar() -> None:
@@ -430,6 +478,44 @@ def test_batch_mode_submits_once_resumes_after_restart_and_imports_into_the_cach
         before = srv.count()
         m3 = run_stage(tmp_path, p)
         assert srv.count() == before and m3["requests"] == 0 and m3["cache_hits"] == 8
+
+
+def test_batch_mode_asks_a_cut_off_answer_once_more_in_a_follow_up_batch_and_resumes_without_paying_twice(
+        tmp_path: Path, key: str) -> None:
+    from src.teacher.request import TeacherConfig, retry_budget
+
+    truth = make_canvases(tmp_path / "resize256", 4)
+    s = sorted(truth)
+    with FakeOpenAI(truth, key, faults={s[0]: ["cutoff"]}, always={s[1]: "cutoff"}) as srv:
+        p = params(srv.base_url, teacher__mode="batch", max_failure_rate=0.5, answer_attempts=1)
+        room = retry_budget(TeacherConfig.from_params(p["label"]))
+        m = run_stage(tmp_path, p)
+        rows = labels_by_sha(tmp_path)
+        # the follow-up batch holds the two cut-off requests only, with the room the bound needs
+        assert len(srv.batches) == 2 and m["batches_submitted"] == 2 and m["batch_lines"] == 4 + 2
+        assert srv.budgets(s[0]) == srv.budgets(s[1]) == [100, room] and srv.budgets(s[2]) == [100]
+        assert rows[s[0]]["element"] == truth[s[0]] and rows[s[0]]["status"] == "ok"
+        assert rows[s[1]]["status"] == "failed" and rows[s[1]]["error"] == (
+            f"batch batch_0002: answer cut off at max_completion_tokens=100 and again at {room}: "
+            "label.teacher.response_format=json_schema leaves the reason unbounded; raise label.teacher.max_tokens "
+            "(README: Teacher servers)")
+        assert {x: rows[x]["element"] for x in s[2:]} == {x: truth[x] for x in s[2:]}
+        assert m["failed"] == 1 and m["invalid_answers"] == 3  # two cut off in the first batch, one in the follow-up
+        log = tmp_path / "cache/batches.jsonl"
+        events = [(r["event"], r.get("batch_id"), r.get("budget")) for r in read_jsonl(log)]
+        assert [e for e, _, _ in events] == ["uploaded", "submitted", "uploaded", "submitted", "imported", "imported"]
+        assert events[3] == ("submitted", "batch_0002", room) and events[4][1] == "batch_0001"
+        # killed after the follow-up was submitted, before the first batch was logged imported (and so before the
+        # follow-up's answers landed): the restart imports the first batch again, and asks nothing again
+        log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:4]))
+        answers = tmp_path / "cache/answers.jsonl"
+        write_jsonl(answers, [r for r in read_jsonl(answers) if r["canvas_sha256"] != s[0]])
+        lines_before = srv.count("BATCH", "batch-line")
+        m2 = run_stage(tmp_path, p)
+        assert len(srv.batches) == 2 and srv.count("BATCH", "batch-line") == lines_before and m2["batch_lines"] == 0
+        rows = labels_by_sha(tmp_path)
+        assert rows[s[0]]["element"] == truth[s[0]] and rows[s[1]]["error"].startswith("batch batch_0002: answer cut off")
+        assert m2["failed"] == 1
 
 
 # -- as DVC runs it: a subprocess in a copy of the repo ----------------------------------------------

@@ -18,8 +18,9 @@ over an OpenAI-compatible API (label.teacher.base_url, .model; the key only from
 environment variable named by label.teacher.api_key_env), online or via the Batch API
 (src/teacher/). label.teacher.response_format and .max_tokens_field fit the request to
 the server (OpenAI, vLLM, llama.cpp: README "Teacher servers"); a server that refuses
-one of them stops the stage with one line naming the field. In the json_object form the
-schema bounds the reason to fit label.teacher.max_tokens (src/teacher/request.py).
+one of them stops the stage with one line naming the field. In the bounded forms
+(json_object, json_schema_bounded) the schema bounds the reason to fit
+label.teacher.max_tokens (src/teacher/request.py).
 
 Overrides win over either provider. Each CSV row is `key,element,note`, key being a
 canvas sha256 or a source id; lines starting with # are comments. An overridden canvas
@@ -43,7 +44,16 @@ from src.params import stage_params
 from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
 from src.report import name_refused
 from src.teacher.client import teach
-from src.teacher.request import BatchPending, Item, Tally, TeacherConfig, TeacherFatal, cache_key, reason_bound
+from src.teacher.request import (
+    BOUNDED_FORMS,
+    BatchPending,
+    Item,
+    Tally,
+    TeacherConfig,
+    TeacherFatal,
+    cache_key,
+    reason_bound,
+)
 
 PROVIDERS = ("manifest", "teacher")
 Override = tuple[str, str]  # (element, note)
@@ -137,7 +147,7 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
     else:
         try:
             cfg = TeacherConfig.from_params(lp)
-            if cfg.response_format == "json_object":
+            if cfg.response_format in BOUNDED_FORMS:
                 reason_bound(cfg, labels)  # a budget with no room for the reason: a config error, before any request
         except ValueError as e:
             raise SystemExit(f"label: {e}") from None

@@ -4,19 +4,23 @@ The request: the canvas as a base64 PNG (`detail` low by default) after the teac
 prompt, and a JSON schema whose `element` is an enum of the contract's labels, plus a
 short `reason`. OpenAI-compatible servers differ in two fields, so params choose them:
 
-  label.teacher.response_format  json_schema: OpenAI's strict Structured Outputs (OpenAI, vLLM)
+  label.teacher.response_format  json_schema: OpenAI's strict Structured Outputs, unchanged (OpenAI)
+                                 json_schema_bounded: the same form, `reason` bounded (vLLM, llama-server)
                                  json_object: {"type": "json_object", "schema": ...} (llama-cpp-python)
   label.teacher.max_tokens_field max_completion_tokens (OpenAI; its reasoning models refuse max_tokens)
                                  max_tokens (vLLM, llama-cpp-python, which ignores the other name)
 
-In the json_object form the schema also bounds `reason` (`reason_bound`): llama.cpp's
-servers compile the schema into a grammar, so every answer closes within max_tokens. The
-json_schema form stays within OpenAI's strict subset, unchanged: `reason` unbounded.
+Named by the form on the wire, not by server: a form is what a server reads, and one
+form fits several servers. In the two bounded forms the schema also bounds `reason`
+(`reason_bound`): servers that compile the schema into a grammar (llama.cpp's, vLLM's
+guided decoding) then close every answer within max_tokens. The json_schema form stays
+within OpenAI's strict subset, unchanged: `reason` unbounded.
 
 The answer is still checked: servers differ in how strictly they honour a schema. A
 server that refuses one of these fields (or ignores the token limit) is named in one
 line by `refusal_line`, not retried: every request would be refused the same way. An
-answer cut off at the token budget is asked once more with `retry_budget(cfg)` tokens.
+answer cut off at the token budget is asked once more with `retry_budget(cfg)` tokens
+(online: at once; batch: in a follow-up batch).
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ SCHEMA_NAME = "element_label"
 # The teacher's enums, stated once: TeacherConfig's fields and the params schema (src/schema.py) use these.
 Mode = Literal["online", "batch"]
 Detail = Literal["low", "high", "auto"]
-ResponseFormat = Literal["json_schema", "json_object"]
+ResponseFormat = Literal["json_schema", "json_object", "json_schema_bounded"]
 MaxTokensField = Literal["max_completion_tokens", "max_tokens"]
 RESPONSE_FORMATS: tuple[str, ...] = get_args(ResponseFormat)
+# The forms whose schema bounds `reason` (`reason_bound`), and which servers each suits (README: Teacher servers).
+BOUNDED_FORMS = ("json_object", "json_schema_bounded")
+SERVERS_OF_FORM = {"json_schema": "OpenAI", "json_schema_bounded": "vLLM/llama-server",
+                   "json_object": "llama-cpp-python"}
 MAX_TOKENS_FIELDS: tuple[str, ...] = get_args(MaxTokensField)
 # Request fields whose form or value a param chooses: a refusal of one of them is a config error.
 PARAM_OF_FIELD = {"response_format": "label.teacher.response_format",
@@ -81,7 +89,7 @@ class TeacherConfig:
                                      ("response_format", t["response_format"], RESPONSE_FORMATS),
                                      ("max_tokens_field", t["max_tokens_field"], MAX_TOKENS_FIELDS)):
             if value not in allowed:
-                raise ValueError(f"label.teacher.{name}={value!r}: expected {' or '.join(allowed)}")
+                raise ValueError(f"label.teacher.{name}={value!r}: expected {_one_of(allowed)}")
         return cls(base_url=t["base_url"], model=t["model"], api_key_env=t["api_key_env"], prompt=t["prompt"],
                    detail=t["detail"], max_tokens=int(t["max_tokens"]), max_tokens_field=t["max_tokens_field"],
                    response_format=t["response_format"],
@@ -128,26 +136,39 @@ class BatchPending(RuntimeError):
 
 # -- the request -------------------------------------------------------------------------------
 
-# The bound on `reason` in the json_object form. Not `maxLength` alone: it counts characters,
+# The bound on `reason` in the bounded forms. Not `maxLength` alone: it counts characters,
 # and one character can take several tokens (an escape like \u00e9, a 4-byte UTF-8 character
 # in byte tokens). A pattern of printable ASCII without `"` `\` `[` `]` has no escapes and no
 # multi-byte characters, and every token a llama.cpp grammar admits adds at least one byte
 # (it masks empty pieces), so N characters take at most N tokens. Both converters llama.cpp's
 # servers use (llama_grammar.py in llama-cpp-python 0.3.36, common/json-schema-to-grammar.cpp)
-# read `pattern` before `maxLength`; `maxLength` stays for servers that read only that.
+# read `pattern` before `maxLength`; in the json_object form `maxLength` stays for servers that
+# read only that. The json_schema_bounded form sends the pattern alone: its `{0,N}` is the
+# bound, and vLLM's xgrammar backend drops `maxLength` beside a `pattern`, so its validation
+# flags the pair as unsupported (vllm/v1/structured_output/backend_xgrammar.py,
+# has_xgrammar_unsupported_json_features): `auto` then falls back to another backend, and a
+# server pinned to xgrammar refuses the request. Older vLLMs flagged `maxLength` alone.
 REASON_CHARS = "[ !#-Z^-~]"
 # Whitespace the grammar admits after each of the answer's 9 JSON tokens (JSON's, not the
 # model's: { "element" : "water" , "reason" : "..." }): llama-cpp-python's SPACE_RULE is `" "?`;
-# llama.cpp's llama-server's is `| " " | "\n"{1,2} [ \t]{0,20}`, up to 22 characters.
+# llama.cpp's llama-server's is `| " " | "\n"{1,2} [ \t]{0,20}`, up to 22 characters; vLLM's
+# none with disable_any_whitespace, else any (xgrammar's any_whitespace, guidance's
+# whitespace_flexible), which no bound can size. Both bounded forms are sized for one: what
+# llama-cpp-python admits, more than vLLM's compact JSON needs, and what a model writing
+# JSON the usual way uses ({"element": "fire", "reason": "..."}: three). The retry's budget
+# covers llama-server's 22.
 JSON_TOKENS = 9
 SPACE_LLAMA_CPP_PYTHON, SPACE_LLAMA_SERVER = 1, 22
+SPACE_OF_FORM = {"json_object": SPACE_LLAMA_CPP_PYTHON, "json_schema_bounded": SPACE_LLAMA_CPP_PYTHON}
 
 
-def answer_schema(labels: tuple[str, ...], reason_chars: int | None = None) -> dict[str, Any]:
-    """The answer's JSON schema; with `reason_chars`, `reason` is at most that many characters of REASON_CHARS."""
+def answer_schema(labels: tuple[str, ...], reason_chars: int | None = None, max_length: bool = True) -> dict[str, Any]:
+    """The answer's JSON schema; with `reason_chars`, `reason` is at most that many characters of REASON_CHARS
+    (a `pattern`, and `maxLength` unless `max_length` is False)."""
     reason: dict[str, Any] = {"type": "string", "description": "a few words: what in the image decided it"}
     if reason_chars is not None:
-        reason |= {"maxLength": reason_chars, "pattern": f"^{REASON_CHARS}{{0,{reason_chars}}}$"}
+        reason |= {"maxLength": reason_chars} if max_length else {}
+        reason |= {"pattern": f"^{REASON_CHARS}{{0,{reason_chars}}}$"}
     return {"type": "object",
             "properties": {"element": {"type": "string", "enum": list(labels)}, "reason": reason},
             "required": ["element", "reason"], "additionalProperties": False}
@@ -158,26 +179,27 @@ def answer_tokens(labels: tuple[str, ...], reason_chars: int, space: int) -> int
 
     One token per character at worst, `space` characters of whitespace after each JSON token,
     and one more: llama-cpp-python ends an answer with finish_reason `length` as soon as it
-    holds max_tokens tokens, so the end-of-text token needs room in the budget too.
+    holds max_tokens tokens, and vLLM counts the end-of-text token among its output tokens
+    (some versions test the length before it), so it needs room in the budget too.
     """
     skeleton = json.dumps({"element": max(labels, key=len), "reason": ""}, separators=(",", ":"))
     return len(skeleton) + reason_chars + JSON_TOKENS * space + 1
 
 
 def reason_bound(cfg: TeacherConfig, labels: tuple[str, ...]) -> int:
-    """Characters of `reason` that fit in label.teacher.max_tokens beside the rest of the answer
-    (llama-cpp-python's grammar); ValueError when none do."""
-    rest = answer_tokens(labels, 0, SPACE_LLAMA_CPP_PYTHON)
+    """Characters of `reason` that fit in label.teacher.max_tokens beside the rest of the answer, in a
+    bounded form (BOUNDED_FORMS); ValueError when none do."""
+    rest = answer_tokens(labels, 0, SPACE_OF_FORM[cfg.response_format])
     if cfg.max_tokens <= rest:
         raise ValueError(f"label.teacher.max_tokens={cfg.max_tokens} leaves no room for the reason: the rest of the "
-                         f"answer takes up to {rest} tokens in the json_object form; set it above {rest}")
+                         f"answer takes up to {rest} tokens in the {cfg.response_format} form; set it above {rest}")
     return cfg.max_tokens - rest
 
 
 def retry_budget(cfg: TeacherConfig) -> int:
     """The budget for the one retry of a cut-off answer: max_tokens plus the whitespace llama.cpp's
-    llama-server admits beyond llama-cpp-python's, which is what the bounded answer needs there.
-    In the json_schema form nothing bounds the reason; the retry gets the same room."""
+    llama-server admits beyond the one character the bound was sized for, which is what the bounded
+    answer needs there. In the json_schema form nothing bounds the reason; the retry gets the same room."""
     return cfg.max_tokens + JSON_TOKENS * (SPACE_LLAMA_SERVER - SPACE_LLAMA_CPP_PYTHON)
 
 
@@ -197,9 +219,12 @@ def cache_key(canvas_sha256: str, cfg: TeacherConfig, labels: tuple[str, ...]) -
 
 
 def response_format(cfg: TeacherConfig, labels: tuple[str, ...]) -> dict[str, Any]:
-    if cfg.response_format == "json_object":  # llama.cpp's servers turn the schema into a grammar: bound the reason
+    # The bounded forms go to servers that turn the schema into a grammar: bound the reason there.
+    if cfg.response_format == "json_object":
         return {"type": "json_object", "schema": answer_schema(labels, reason_bound(cfg, labels))}
-    return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": answer_schema(labels)}}
+    schema = (answer_schema(labels, reason_bound(cfg, labels), max_length=False)
+              if cfg.response_format == "json_schema_bounded" else answer_schema(labels))
+    return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": schema}}
 
 
 def request_body(cfg: TeacherConfig, labels: tuple[str, ...], png: bytes, budget: int | None = None) -> dict[str, Any]:
@@ -305,7 +330,7 @@ def refusal_line(cfg: TeacherConfig, status: int, name: str, complaint: str) -> 
     param = PARAM_OF_FIELD[name]
     now = {"label.teacher.response_format": cfg.response_format, "label.teacher.max_tokens_field": cfg.max_tokens_field,
            "label.teacher.temperature": cfg.temperature, "label.teacher.detail": cfg.detail}[param]
-    hint = {"label.teacher.response_format": f"try {param}={_other(cfg.response_format, RESPONSE_FORMATS)}",
+    hint = {"label.teacher.response_format": f"try {param}={_other_forms(cfg.response_format)}",
             "label.teacher.max_tokens_field": f"try {param}={_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)}",
             "label.teacher.temperature": f"try {param}: null",
             "label.teacher.detail": f"try another {param}"}[param]
@@ -323,17 +348,36 @@ def ignored_limit_line(cfg: TeacherConfig, tokens_out: int, budget: int) -> str:
 
 def cut_off_line(cfg: TeacherConfig, labels: tuple[str, ...], budget: int) -> str:
     """Why a canvas failed whose answer was cut off twice, and the param to change."""
-    if cfg.response_format == "json_object":
+    if cfg.response_format in BOUNDED_FORMS:
         why = (f"the schema bounds the reason to {reason_bound(cfg, labels)} characters, so this server does "
                f"not honour the schema's pattern")
+        if cfg.response_format == "json_schema_bounded":  # vLLM's default grammar admits any whitespace
+            why += " or pads the JSON with whitespace (vLLM: set disable_any_whitespace)"
     else:
         why = "label.teacher.response_format=json_schema leaves the reason unbounded"
     return (f"answer cut off at {cfg.max_tokens_field}={cfg.max_tokens} and again at {budget}: {why}; raise "
             f"label.teacher.max_tokens (README: Teacher servers)")
 
 
-def _other(value: str, choices: tuple[str, str]) -> str:
+def _other(value: str, choices: tuple[str, ...]) -> str:
+    """The other of two choices."""
     return choices[1] if value == choices[0] else choices[0]
+
+
+# The form to try when a server refuses one, first the likeliest: llama-cpp-python refuses the
+# json_schema type (it takes text or json_object); a server with OpenAI's strict subset may refuse
+# the bound's `pattern`; one that refuses json_object's `schema` speaks OpenAI's json_schema form.
+ALTERNATIVE_FORMS = {"json_schema": ("json_object",),
+                     "json_schema_bounded": ("json_object", "json_schema"),
+                     "json_object": ("json_schema_bounded", "json_schema")}
+
+
+def _other_forms(value: str) -> str:
+    return " or ".join(f"{f} for {SERVERS_OF_FORM[f]}" for f in ALTERNATIVE_FORMS[value])
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 def redact(text: str, secret: str | None) -> str:
