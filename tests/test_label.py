@@ -374,6 +374,14 @@ def test_the_vllm_form_bounds_the_reason_on_the_wire_and_a_rambler_closes(tmp_pa
         assert {r["error"] for r in labels_by_sha(tmp_path).values()} == {
             "answer cut off at max_completion_tokens=100 and again at 289: label.teacher.response_format=json_schema "
             "leaves the reason unbounded; raise label.teacher.max_tokens (README: Teacher servers)"}
+        # a server that ignores the pattern (or pads the JSON): cut off twice, the line says which param
+        srv.always.update({x: "cutoff" for x in truth})
+        run_stage(tmp_path, params(srv.base_url, max_failure_rate=1.0, teacher__prompt="third: {labels}",
+                                   teacher__response_format="json_schema_bounded", teacher__max_tokens_field="max_tokens"))
+        assert {r["error"] for r in labels_by_sha(tmp_path).values()} == {
+            "answer cut off at max_tokens=100 and again at 289: the schema bounds the reason to 59 characters, so this "
+            "server does not honour the schema's pattern or pads the JSON with whitespace (vLLM: set "
+            "disable_any_whitespace); raise label.teacher.max_tokens (README: Teacher servers)"}
 
 
 def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cpp_pythons_grammar() -> None:
