@@ -150,13 +150,14 @@ def photos_per_class_needed(min_accuracy: float, n_labels: int, n_test: int, n_a
 
 
 def quality_diagnosis(ft: dict[str, Any], counts: dict[str, dict[str, int]], p: dict[str, Any],
-                      labels: tuple[str, ...]) -> list[str]:
+                      labels: tuple[str, ...], test_wrong: tuple[str, ...] = ()) -> list[str]:
     """Why the model is not good enough, from what the run measured: one line per cause found, each with its
     evidence and what to change.
 
     `ft` is finetune's metrics (the val curve from the untrained model on, the best epoch, how its weights answer
     the training photos), `counts` the split's photos per part and class ({part: {"n": .., label: ..}}), `p` the
-    release stage's params (base.source, download.source, finetune.epochs and lr, release.min_accuracy). The
+    release stage's params (base.source, download.source, finetune.epochs and lr, release.min_accuracy),
+    `test_wrong` the test photos Q8_0 answers with another label ("name (labelled x, model y)"). The
     causes: the model did not learn at all; a base that cannot learn photos; too few photos (memorised); under-
     training (val_loss still falling at the last epoch); labels to check. None found: QUALITY_ADVICE.
     """
@@ -205,15 +206,22 @@ def quality_diagnosis(ft: dict[str, Any], counts: dict[str, dict[str, int]], p: 
             f"has about {need} ({need_test} of them in test: enough to measure accuracy to +-{MARGIN} at "
             f"release.min_accuracy {p['release']['min_accuracy']}, 95 %)")
     share = ft["train_disagree"] / max(1, n_train)
-    if guess <= CHANCE_P and not falling and 0 < share <= MISLABELLED_MAX_SHARE:
-        shown = ft["train_disagree_photos"]
+    if guess <= CHANCE_P and not falling and share <= MISLABELLED_MAX_SHARE and (ft["train_disagree"] or test_wrong):
+        # the test photos too: a wrong test label fails the gate however well the model learned
+        named = [f"{ft['train_disagree']}/{n_train} training photos as another class"
+                 f"{': ' + _listed(ft['train_disagree_photos'], ft['train_disagree']) if ft['train_disagree'] else ''}"]
+        if test_wrong:
+            named.append(f"{len(test_wrong)}/{n_test} test photos: {_listed(list(test_wrong), len(test_wrong))}")
         causes.append(
             f"labels to check: the model learned (val_acc {ft['val_acc']:.3f}, not guessing) yet answers "
-            f"{ft['train_disagree']}/{n_train} training photos as another class: {', '.join(shown[:10])}"
-            f"{' ...' if ft['train_disagree'] > 10 else ''}. Where the photo shows what the model says, correct its "
-            f"label in data/label_overrides.csv (data/label/audit.html shows the labels by class)")
+            f"{'; and '.join(named)}. Where the photo shows what the model says, correct its label in "
+            f"data/label_overrides.csv (data/label/audit.html shows the labels by class)")
     return causes or [f"no single cause in this run's measurements (val_loss {start:.3f} untrained -> {min(losses):.3f}"
                       f" best, levelled off; val_acc {ft['val_acc']:.3f}); try {QUALITY_ADVICE}"]
+
+
+def _listed(photos: list[str], n: int, shown: int = 10) -> str:
+    return ", ".join(photos[:shown]) + (" ..." if n > shown else "")
 
 
 def quality_gates(accuracy: float, per_class: dict[str, dict[str, Any]], q: dict[str, Any]) -> list[str]:

@@ -242,6 +242,19 @@ def test_training_photos_the_learned_model_answers_otherwise_are_named_as_labels
                                                              run_params(base="hub", photos="folder"), LABELS))
 
 
+def test_test_photos_the_model_answers_otherwise_are_named_too() -> None:
+    # a wrong test label fails the gate however well the model learned: name those photos as well
+    ft = finetune_metrics([3.0, 1.0, 0.5, 0.6], [0.5, 0.9, 0.95, 0.95], start=10.8, n_train=60, n_val=20,
+                          train_acc=1.0, disagree=[])
+    wrong = ("demo-00007 (labelled water, model fire)", "demo-00012 (labelled water, model fire)")
+    d = quality_diagnosis(ft, split_counts(12, 4, 4), run_params(epochs=4), LABELS, wrong)
+    assert causes(d) == ["labels to check"]
+    assert ("answers 0/60 training photos as another class; and 2/20 test photos: demo-00007 (labelled water, "
+            "model fire), demo-00012 (labelled water, model fire).") in d[0]
+    # nothing answered otherwise: no labels to blame
+    assert "labels to check" not in causes(quality_diagnosis(ft, split_counts(12, 4, 4), run_params(epochs=4), LABELS))
+
+
 def test_no_single_cause_falls_back_to_the_list_of_levers() -> None:
     ft = finetune_metrics([3.0, 1.0, 1.1], [0.5, 0.7, 0.7], start=10.8, n_train=100, n_val=20, train_acc=0.8,
                           disagree=[f"p{i}.jpg (labelled fire, model water)" for i in range(40)])

@@ -239,8 +239,10 @@ def main() -> None:
     if fails:
         invalid = sum(x == plots.INVALID for x in pred)
         ft = p["finetune"]
+        wrong = tuple(f"{r['name']} (labelled {r['truth']}, model {r['pred']})" for r in rows
+                      if r["pred"] not in (r["truth"], plots.INVALID))
         causes = quality_diagnosis(json.loads(args.finetune_metrics.read_text()),
-                                   data_counts(args.split, contract.labels), p, contract.labels)
+                                   data_counts(args.split, contract.labels), p, contract.labels, wrong)
         raise SystemExit(
             "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
             "released\n  " + "\n  ".join(fails) + "\n"
