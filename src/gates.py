@@ -215,7 +215,7 @@ def quality_diagnosis(ft: dict[str, Any], counts: dict[str, dict[str, int]], p: 
         causes.append(
             f"labels to check: the model learned (val_acc {ft['val_acc']:.3f}, not guessing) yet answers "
             f"{'; and '.join(named)}. Where the photo shows what the model says, correct its label in "
-            f"data/label_overrides.csv (data/label/audit.html shows the labels by class)")
+            f"data/label_overrides.csv (by its name; data/label/review.csv lists the review queue's suspects)")
     return causes or [f"no single cause in this run's measurements (val_loss {start:.3f} untrained -> {min(losses):.3f}"
                       f" best, levelled off; val_acc {ft['val_acc']:.3f}); try {QUALITY_ADVICE}"]
 

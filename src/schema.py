@@ -234,6 +234,13 @@ class Price(Section):
     batch_discount: Rate
 
 
+class Queue(Section):
+    folds: Annotated[int, Field(ge=2, le=50)]
+    seed: int
+    C: PosF
+    batch_size: Pos
+
+
 class Label(Section):
     provider: Literal["manifest", "teacher"]
     max_failure_rate: Rate
@@ -244,6 +251,7 @@ class Label(Section):
     teacher: Teacher
     batch: Batch
     price: Price
+    queue: Queue
 
 
 # ---- split ---------------------------------------------------------------------------------------

@@ -344,6 +344,23 @@ def vision_hidden(model: PreTrainedModel, pixel_values: torch.Tensor, pixel_atte
     return out.last_hidden_state.reshape(b, n, *out.last_hidden_state.shape[1:])
 
 
+def canvas_pixels(processor: Idefics3Processor, canvas: Image.Image) -> dict[str, torch.Tensor]:
+    """One canvas's pixel_values and pixel_attention_mask (tiles first), from the same processor call as
+    `prompt_inputs`: the prompt's text never changes the pixels, so the image marker alone stands for it."""
+    inputs = processor(text=[HF_IMAGE_TOKEN], images=[[canvas.convert("RGB")]], return_tensors="pt")
+    return {"pixel_values": inputs["pixel_values"][0], "pixel_attention_mask": inputs["pixel_attention_mask"][0]}
+
+
+def pooled_vision(model: PreTrainedModel, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, vision hidden): `vision_hidden` (finetune's cached features) averaged over tiles and patches.
+
+    A canvas is square, so every tile is whole and the plain mean weighs no padding. The connector is left
+    out: it is pixel shuffle and one linear map with no nonlinearity, which the label queue's own linear
+    model stands in for (fitted to the labels, where the demo's and smollm2's connectors are random).
+    """
+    return vision_hidden(model, pixel_values, pixel_attention_mask).mean(dim=(1, 2))
+
+
 def forward_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, **text: torch.Tensor) -> Any:
     """The model's forward pass from cached encoder output: connector, merge, language model."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -103,7 +103,7 @@ def test_default_provider_is_manifest_and_needs_no_key_or_network(tmp_path: Path
         "id", "name", "canvas", "canvas_sha256", "element", "status", "error", "provider", "reason"}
 
 
-def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_overrides_win_and_the_audit_page_lists_by_element(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_canvases(tmp_path / "resize256", 6)
     recs = read_jsonl(tmp_path / "resize256/records.jsonl")
     sha0 = recs[0]["canvas_sha256"]
@@ -129,8 +129,8 @@ def test_overrides_win_and_the_audit_page_groups_by_element(tmp_path: Path, caps
     page = (tmp_path / "label/audit.html").read_text()
     assert page.count("<img ") == 6 and page.count("data:image/jpeg;base64,") == 6
     for element in set(rows[i]["element"] for i in rows if rows[i]["status"] == "ok"):
-        assert f"<h2 id='{element}'>" in page
-    assert "<h2 id='failed'>" in page and "rusty bucket" in page and "class='override'" in page
+        assert f"data-label='{element}'" in page and f"<option>{element}</option>" in page
+    assert "data-label='failed'" in page and "rusty bucket" in page and "class='override'" in page
     # the gate: one failure in six is over 10 %, and the outputs are still there to review
     p["label"]["max_failure_rate"] = 0.1
     with pytest.raises(SystemExit, match=r"1/6 canvases failed .*img-002"):

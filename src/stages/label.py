@@ -1,16 +1,21 @@
 """label: give every canvas one element of the contract's label set.
 
-Inputs:  RESIZE256/records.jsonl (and its canvases), OVERRIDES (a tracked CSV of human labels).
+Inputs:  RESIZE256/records.jsonl (and its canvases), OVERRIDES (a tracked CSV of human labels),
+         BASE (the base model: its frozen vision tower gives the review queue's features).
 Outputs: OUT/labels.jsonl, one record per canvas: id, name, canvas, canvas_sha256, element,
          status (ok|failed), error, provider (manifest|teacher|override), reason;
-         OUT/audit.html, the canvases grouped by element with their reasons, for review;
-         METRICS: counts, label distribution, requests, cache hits, tokens, estimated cost.
-         Provider `teacher` also appends to CACHE (src/label_cache.py), which outlives OUT.
+         OUT/queue.csv, every labelled canvas ranked most-suspect first (src/label_queue.py);
+         OUT/review.csv, the suspects as overrides rows (guess filled in, `approve` empty) to copy over;
+         OUT/audit.html, the canvases in queue order with reasons and guesses, filterable, for review;
+         METRICS: counts, label distribution, requests, cache hits, tokens, estimated cost, overrides
+         applied and pending, the queue's suspects by pair (`label->guess`).
+         Provider `teacher` also appends to CACHE (src/label_cache.py), which outlives OUT, and so do
+         the queue's features (CACHE/features/).
 Params:  label.provider, label.max_failure_rate, label.concurrency, label.max_attempts,
          label.answer_attempts, label.backoff_s, label.teacher.*, label.batch.*, label.price.*,
-         contract.labels
+         label.queue.*, contract.labels
 Command: python -m src.stages.label data/resize256 data/label metrics/label.json \
-             --cache .cache/label --overrides data/label_overrides.csv
+             --cache .cache/label --overrides data/label_overrides.csv --base models/base
 
 Provider `manifest` (the default: no key, no network) takes the label the source
 supplied and checks it against the contract's labels. Provider `teacher` asks a VLM
@@ -22,21 +27,27 @@ one of them stops the stage with one line naming the field. In the bounded forms
 (json_object, json_schema_bounded) the schema bounds the reason to fit
 label.teacher.max_tokens (src/teacher/request.py).
 
-Overrides win over either provider. Each CSV row is `key,element,note`, key being a
-canvas sha256 or a source id; lines starting with # are comments. An overridden canvas
-is not sent to the teacher. More than label.max_failure_rate failed canvases fail the
+Overrides win over either provider. Each CSV row is `name,element,note[,approve]` (name: the photo as
+the user knows it, or a canvas sha256 or a source id) or the older `key,element,note` (sha256 or id);
+with an `approve` column only approved rows apply; lines starting with # are comments. An overridden
+canvas is not sent to the teacher. The review queue runs on the final labels, on CPU, with no teacher call. More than label.max_failure_rate failed canvases fail the
 stage, after every output is written so the failures can be reviewed.
 """
 
 from __future__ import annotations
 
+from src import torch_pin  # noqa: F401  (first: the queue's features run torch, pinned as finetune's)
+
 import argparse
 import csv
+import io
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from src import label_queue
 from src.audit import audit_html
 from src.contract import labels_of
 from src.label_cache import AnswerCache
@@ -56,23 +67,69 @@ from src.teacher.request import (
 )
 
 PROVIDERS = ("manifest", "teacher")
-Override = tuple[str, str]  # (element, note)
+APPROVED = ("y", "yes", "x", "1", "true", "ok")  # an `approve` cell that applies its row (case-insensitive)
 
 
-def read_overrides(path: Path | None, labels: tuple[str, ...]) -> dict[str, Override]:
-    """key (canvas sha256 or source id) -> (element, note); a missing file is no overrides."""
+@dataclass(frozen=True)
+class Override:
+    """One approved row of the overrides file; `key` is a canvas sha256, a source id or (by_name) a photo's name."""
+
+    key: str
+    element: str
+    note: str
+    row: int
+    by_name: bool
+
+
+def read_overrides(path: Path | None, labels: tuple[str, ...]) -> tuple[list[Override], int]:
+    """(approved overrides, rows still waiting for approval); a missing file is no overrides.
+
+    Columns: `key` (canvas sha256 or source id) or `name` (the photo as the user knows it: its path under
+    the folder, its URL, its demo or dataset id; also a sha256 or an id), `element`, optional `note`, and
+    optional `approve`: when the column is there, only rows marked y/yes/x/1/true/ok apply (the queue's
+    review.csv arrives that way); without it every row applies. Lines starting with # are comments.
+    """
     if path is None or not path.exists():
-        return {}
-    out: dict[str, Override] = {}
+        return [], 0
+    out: list[Override] = []
+    pending, seen = 0, set()
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    for n, row in enumerate(csv.DictReader(lines), start=2):
-        key, element = (row.get("key") or "").strip(), (row.get("element") or "").strip()
+    reader = csv.DictReader(lines)
+    column = "name" if "name" in (reader.fieldnames or ()) else "key"
+    for n, row in enumerate(reader, start=2):
+        key, element = (row.get(column) or "").strip(), (row.get("element") or "").strip()
+        if "approve" in row and (row["approve"] or "").strip().lower() not in APPROVED:
+            pending += 1
+            continue
         if not key or element not in labels:
-            raise SystemExit(f"{path}: row {n} {row}: needs a key and an element of {list(labels)}")
-        if key in out:
+            raise SystemExit(f"{path}: row {n} {row}: needs a {column} and an element of {list(labels)}")
+        if key in seen:
             raise SystemExit(f"{path}: row {n}: {key!r} is overridden twice")
-        out[key] = (element, (row.get("note") or "").strip())
-    return out
+        seen.add(key)
+        out.append(Override(key, element, (row.get("note") or "").strip(), n, column == "name"))
+    return out, pending
+
+
+def match_overrides(rows: list[dict[str, Any]], overrides: list[Override],
+                    path: Path | None) -> tuple[dict[str, Override], list[str]]:
+    """source id -> the override for that record (by canvas sha256, id or name); the `key`s that matched nothing.
+
+    A name that matches no photo stops the stage (a typo would otherwise leave the wrong label in training);
+    an unmatched sha256 or id is reported only (the photo may have left the source since the review).
+    """
+    by: dict[str, Override] = {o.key: o for o in overrides}
+    matched: dict[str, Override] = {}
+    used: set[str] = set()
+    for r in rows:
+        o = next((by[k] for k in (r["canvas_sha256"], r["id"], r.get("name")) if k in by), None)
+        if o is not None:
+            matched[r["id"]] = o
+            used.add(o.key)
+    for o in overrides:
+        if o.by_name and o.key not in used:
+            raise SystemExit(f"{path}: row {o.row}: name {o.key!r} matches no photo (names are as "
+                             "data/label/queue.csv lists them: a folder photo's path, a URL, a demo id)")
+    return matched, sorted(o.key for o in overrides if o.key not in used)
 
 
 def _base(row: dict[str, Any], provider: str) -> dict[str, Any]:
@@ -114,32 +171,55 @@ def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str,
     return out, stats
 
 
-def apply_overrides(rows: list[dict[str, Any]], overrides: dict[str, Override]) -> tuple[list[dict[str, Any]], int, list[str]]:
-    """Rows with the human label where one is given; (rows, how many changed, override keys that matched nothing)."""
-    used: set[str] = set()
+def apply_overrides(rows: list[dict[str, Any]], matched: dict[str, Override]) -> tuple[list[dict[str, Any]], int]:
+    """Rows with the human label where one is given; (rows, how many were overridden)."""
     out = []
     for r in rows:
-        key = r["canvas_sha256"] if r["canvas_sha256"] in overrides else r["id"] if r["id"] in overrides else None
-        if key is None:
+        o = matched.get(r["id"])
+        if o is None:
             out.append(r)
             continue
-        used.add(key)
-        element, note = overrides[key]
         was = f"; {r['provider']} said {r['element']}" + (f" ({r['reason']})" if r["reason"] else "") if r["element"] else ""
-        out.append({**r, "element": element, "status": "ok", "error": None, "provider": "override",
-                    "reason": f"override: {note or 'human review'}{was}"})
-    return out, len([r for r in out if r["provider"] == "override"]), sorted(set(overrides) - used)
+        out.append({**r, "element": o.element, "status": "ok", "error": None, "provider": "override",
+                    "reason": f"override: {o.note or 'human review'}{was}"})
+    return out, len(matched)
+
+
+def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def review_queue(labelled: list[dict[str, Any]], resize256: Path, base: Path, cache_dir: Path,
+                 p: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The labelled canvases ranked most-suspect first (src/label_queue.py) and the queue's metrics."""
+    labels = labels_of(p["contract"])
+    q = label_queue.QueueParams(**p["label"]["queue"])
+    ok = [r for r in labelled if r["status"] == "ok"]
+    x = label_queue.features(base, [resize256 / r["canvas"] for r in ok], [r["canvas_sha256"] for r in ok],
+                             cache_dir, q.batch_size)
+    try:
+        return label_queue.rank(ok, x, labels, q)
+    except ValueError as e:
+        raise SystemExit(f"label.queue: {e}") from None
 
 
 def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
-                p: dict[str, Any]) -> dict[str, Any]:
-    """The whole stage on plain params; returns the metrics. SystemExit on a bad config or the failure gate."""
+                p: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """The whole stage on plain params; returns the metrics. SystemExit on a bad config or the failure gate.
+
+    Without `base` (a unit test's labels alone) there is no review queue: the audit page lists by class.
+    """
     labels = labels_of(p["contract"])
     lp = p["label"]
     if lp["provider"] not in PROVIDERS:
         raise SystemExit(f"label.provider={lp['provider']!r}: unknown provider (known: {', '.join(PROVIDERS)})")
-    overrides = read_overrides(overrides_path, labels)
+    overrides, pending = read_overrides(overrides_path, labels)
     rows = [r for r in read_jsonl(resize256 / "records.jsonl") if r["status"] == "ok"]
+    matched, unused = match_overrides(rows, overrides, overrides_path)
     if lp["provider"] == "manifest":
         labelled = [from_manifest(r, labels) for r in rows]
         stats = {"model": None, "mode": None, "unique_canvases": 0, "cache_hits": 0, "asked": 0, **Tally().as_dict(),
@@ -152,18 +232,24 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
         except ValueError as e:
             raise SystemExit(f"label: {e}") from None
         try:
-            labelled, stats = from_teacher(rows, resize256, labels, cfg, cache_dir, set(overrides))
+            labelled, stats = from_teacher(rows, resize256, labels, cfg, cache_dir, set(matched))
         except (TeacherFatal, BatchPending) as e:
             raise SystemExit(f"label: {e}") from None
-    labelled, applied, unused = apply_overrides(labelled, overrides)
+    labelled, applied = apply_overrides(labelled, matched)
     write_jsonl(out / "labels.jsonl", labelled)
-    write_text_atomic(out / "audit.html", audit_html(labelled, resize256, labels, f"label audit: {len(labelled)} canvases"))
+    queue, qm = review_queue(labelled, resize256, base, cache_dir, p) if base is not None else (None, None)
+    if queue is not None:
+        write_text_atomic(out / "queue.csv", csv_text(queue, label_queue.QUEUE_COLUMNS))
+        write_text_atomic(out / "review.csv", csv_text(label_queue.review_rows(queue), label_queue.REVIEW_COLUMNS))
+    write_text_atomic(out / "audit.html", audit_html(labelled, resize256, labels, queue,
+                                                     f"label audit: {len(labelled)} canvases"))
     ok = [r for r in labelled if r["status"] == "ok"]
     failed = [r for r in labelled if r["status"] != "ok"]
     rate = len(failed) / len(labelled) if labelled else 0.0
     m = {"canvases": len(labelled), "labelled": len(ok), "failed": len(failed), "failure_rate": round(rate, 6),
          "distribution": dict(sorted(Counter(r["element"] for r in ok).items())), "provider": lp["provider"],
-         "overrides_applied": applied, "overrides_unused": len(unused), **stats}
+         "overrides_applied": applied, "overrides_unused": len(unused), "overrides_pending": pending, "queue": qm,
+         **stats}
     write_json(metrics, m)
     if unused:
         print(f"label: {len(unused)} overrides match no canvas: {', '.join(unused[:5])}", file=sys.stderr)
@@ -183,12 +269,16 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("metrics", type=Path)
     ap.add_argument("--cache", type=Path, required=True, help="label cache; outlives the stage's outs")
-    ap.add_argument("--overrides", type=Path, default=None, help="CSV key,element,note; wins over the provider")
+    ap.add_argument("--overrides", type=Path, default=None, help="CSV key|name,element,note[,approve]; wins over the provider")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="the base model, whose frozen vision tower ranks the review queue (dvc.yaml passes it; "
+                         "without it the labels alone)")
     args = ap.parse_args()
-    m = label_stage(args.resize256, args.out, args.metrics, args.cache, args.overrides, stage_params("label"))
+    m = label_stage(args.resize256, args.out, args.metrics, args.cache, args.overrides, stage_params("label"), args.base)
     print(f"label: {m['labelled']} labelled, {m['failed']} failed ({m['provider']}; {m['requests']} requests, "
-          f"{m['cache_hits']} cache hits, ${m['cost_usd']:.4f}) -> {args.out}/labels.jsonl, "
-          f"{args.out}/audit.html, {args.metrics}")
+          f"{m['cache_hits']} cache hits, ${m['cost_usd']:.4f}); "
+          + (f"review queue: {m['queue']['n_suspects']} suspects in {args.out}/review.csv; " if m["queue"] else "")
+          + f"-> {args.out}/labels.jsonl, audit.html, {args.metrics}")
 
 
 if __name__ == "__main__":
