@@ -52,6 +52,15 @@ LLAMA_CPP_REFUSAL = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('
                      "line 376, in create_chat_completion\n    POST /v1/chat/completions")
 
 
+def _completion(body: dict[str, Any], canvas: str, content: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    """A chat completion as OpenAI returns it."""
+    return {"id": f"chatcmpl-{canvas[:12]}", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "usage": usage}
+
+
 @dataclass
 class Logged:
     at: float
@@ -168,13 +177,7 @@ class FakeOpenAI:
             content, finish = content[:-2] + " and so on", "length"
             usage["completion_tokens"] = N_CTX - usage["prompt_tokens"]
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return 200, {
-            "id": f"chatcmpl-{canvas[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
-                         "message": {"role": "assistant", "content": content, "refusal": None}}],
-            "usage": usage,
-        }, canvas, fault
+        return 200, _completion(body, canvas, content, finish, usage), canvas, fault
 
     def _ramble(self, body: dict[str, Any], canvas: str, element: str,
                 budget: int) -> tuple[int, dict[str, Any], str | None, str | None]:
@@ -191,13 +194,7 @@ class FakeOpenAI:
         text = "".join(p.get("text", "") for m in body["messages"] for p in _parts(m))
         usage = {"prompt_tokens": 85 + len(text) // 4, "completion_tokens": tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + tokens
-        return 200, {
-            "id": f"chatcmpl-{canvas[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
-                         "message": {"role": "assistant", "content": content, "refusal": None}}],
-            "usage": usage,
-        }, canvas, "ramble"
+        return 200, _completion(body, canvas, content, finish, usage), canvas, "ramble"
 
     def _dialect_refusal(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """The refusal this server's dialect gives a field it does not take, else None."""
