@@ -1,4 +1,4 @@
-"""Issue 26 benchmark: the label review queue's cost against one finetune epoch, measured in the same run.
+"""The label review queue's cost against one finetune epoch, measured in the same run.
 
 Times, on CPU: the queue's features (the frozen vision tower over N demo canvases: the demo's builder base,
 and SmolVLM-256M's shapes at the real-size geometry, tile 256 / longest edge 512, on a few canvases, per photo)
