@@ -167,6 +167,28 @@ def test_the_stage_writes_the_queue_review_file_page_and_metrics(tmp_path: Path,
     assert m2["queue"] == m["queue"] and len(list((tmp_path / "cache/features").glob("*.npz"))) == 1
 
 
+def test_too_few_photos_to_hold_out_is_no_queue_said_in_one_line_and_the_labels_stand(
+        tmp_path: Path, tiny_model: tuple[Any, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    model, processor = tiny_model
+    vlm.save(model, processor, tmp_path / "base")
+    make_canvases(tmp_path / "resize256", 6)
+    p = copy.deepcopy(params_for("label"))
+    records = tmp_path / "resize256/records.jsonl"
+    for n_classes in (1, 5):  # one class; then 6 photos in 5 classes: four classes of one photo
+        rows = [json.loads(line) for line in records.read_text().splitlines()]
+        for i, r in enumerate(rows):
+            r["label"] = LABELS[i % n_classes]
+        records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        m = label_stage(tmp_path / "resize256", tmp_path / f"label{n_classes}", tmp_path / "label.json",
+                        tmp_path / "cache", None, p, tmp_path / "base")
+        err = capsys.readouterr().err
+        assert m["labelled"] == 6 and set(m["queue"]) == {"photos", "skipped"}, m["queue"]
+        assert err.count("label: no review queue: ") == 1 and m["queue"]["skipped"] in err
+        assert (tmp_path / f"label{n_classes}/labels.jsonl").exists()
+        assert not (tmp_path / f"label{n_classes}/queue.csv").exists()
+    assert "class 'land' has 1 labelled photo" in m["queue"]["skipped"]
+
+
 # -- the demo with flipped labels (slow) -----------------------------------------------------------------
 
 def flipped_folder(root: Path, n: int, rate: float, seed: int) -> set[str]:

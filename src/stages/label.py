@@ -194,17 +194,25 @@ def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 
 def review_queue(labelled: list[dict[str, Any]], resize256: Path, base: Path, cache_dir: Path,
-                 p: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The labelled canvases ranked most-suspect first (src/label_queue.py) and the queue's metrics."""
+                 p: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """The labelled canvases ranked most-suspect first (src/label_queue.py) and the queue's metrics.
+
+    Too few photos to hold any out (one class, a class of one photo) is no queue, said on the console and in
+    the metrics: the queue advises, so the labels still stand (split judges whether they are enough)."""
     labels = labels_of(p["contract"])
     q = label_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
+    if len({r["element"] for r in ok}) < 2:  # nothing to hold out against: spare the encoder pass
+        why = f"{len(ok)} photos labelled, in {len({r['element'] for r in ok})} class: the queue needs two or more"
+        print(f"label: no review queue: {why}", file=sys.stderr)
+        return None, {"photos": len(ok), "skipped": why}
     x = label_queue.features(base, [resize256 / r["canvas"] for r in ok], [r["canvas_sha256"] for r in ok],
                              cache_dir, q.batch_size)
     try:
         return label_queue.rank(ok, x, labels, q)
     except ValueError as e:
-        raise SystemExit(f"label.queue: {e}") from None
+        print(f"label: no review queue: {e}", file=sys.stderr)
+        return None, {"photos": len(ok), "skipped": str(e)}
 
 
 def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
@@ -277,7 +285,8 @@ def main() -> None:
     m = label_stage(args.resize256, args.out, args.metrics, args.cache, args.overrides, stage_params("label"), args.base)
     print(f"label: {m['labelled']} labelled, {m['failed']} failed ({m['provider']}; {m['requests']} requests, "
           f"{m['cache_hits']} cache hits, ${m['cost_usd']:.4f}); "
-          + (f"review queue: {m['queue']['n_suspects']} suspects in {args.out}/review.csv; " if m["queue"] else "")
+          + (f"review queue: {m['queue']['n_suspects']} suspects in {args.out}/review.csv; "
+             if m["queue"] and "skipped" not in m["queue"] else "")
           + f"-> {args.out}/labels.jsonl, audit.html, {args.metrics}")
 
 
