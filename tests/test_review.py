@@ -33,7 +33,7 @@ from tests.conftest import ROOT, project_params, run, set_param
 from tests.forge_server import FakeForge
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-TRACKED = ["dvc.yaml", "dvc.lock", "params.yaml", "runtime.yaml"]
+TRACKED = ["dvc.yaml", "dvc.lock", "runtime.yaml"]
 
 
 def commit(repo: Path, message: str) -> str:
@@ -50,6 +50,13 @@ def record_repo(tmp_path: Path) -> Path:
                                            text=True, check=True).stdout.split()]:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
+    # the params the record was made with, from its own dvc.lock (the tests' params where no stage records one):
+    # the user's params.yaml may point at their photos without having been reproduced yet
+    params = project_params()
+    for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
+        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+            set_param(params, key, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     commit(repo, "base")
     return repo
