@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
@@ -30,12 +29,8 @@ def encode_s(c: Contract, n: int, spec: vlm.BuilderSpec, vision: VisionSpec, bat
     vlm.configure(model, processor, vision, c.target)
     photos = demo_canvases(n, c)
     t0 = time.perf_counter()
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            px = [vlm.canvas_pixels(processor, img) for img, _ in photos[i:i + batch]]
-            out.append(vlm.pooled_vision(model, torch.stack([p["pixel_values"] for p in px]),
-                                         torch.stack([p["pixel_attention_mask"] for p in px])).numpy())
+    out = [label_queue.encode_batch(model, processor, [img for img, _ in photos[i:i + batch]])
+           for i in range(0, n, batch)]
     return (time.perf_counter() - t0) / n, np.concatenate(out)
 
 
@@ -73,12 +68,10 @@ def main() -> None:
                  "rank_s": rank_s(rng.normal(size=(args.n, width_real)), c.labels, q),
                  f"rank_s_{args.big}": rank_s(rng.normal(size=(args.big, width_real)), c.labels, q)}}
     d, r, n = res["demo"], res["real"], args.n
-    rows = [[f"demo base, width {d['width']}", f"{d['encode_s_per_photo'] * n:.2f}", f"{d['rank_s']:.2f}",
-             f"{d['encode_s_per_photo'] * n + d['rank_s']:.2f}",
-             f"{(d['encode_s_per_photo'] * n + d['rank_s']) / res['epoch_s']:.2f}x"],
-            [f"SmolVLM-256M shapes, width {r['width']}", f"{r['encode_s_per_photo'] * n:.2f}", f"{r['rank_s']:.2f}",
-             f"{r['encode_s_per_photo'] * n + r['rank_s']:.2f}",
-             f"{(r['encode_s_per_photo'] * n + r['rank_s']) / res['epoch_s']:.2f}x"]]
+    rows = [[f"{name}, width {w['width']}", f"{w['encode_s_per_photo'] * n:.2f}", f"{w['rank_s']:.2f}",
+             f"{w['encode_s_per_photo'] * n + w['rank_s']:.2f}",
+             f"{(w['encode_s_per_photo'] * n + w['rank_s']) / res['epoch_s']:.2f}x"]
+            for name, w in (("demo base", d), ("SmolVLM-256M shapes", r))]
     print(f"\nqueue on {n} photos against one demo finetune epoch on the same photos: {res['epoch_s']:.2f} s "
           f"(feature cache on; +{res['epoch_fill_s']:.2f} s to fill it once)\n")
     print(table(["features", "encode s", "rank s", "queue s", "queue / epoch"], rows))

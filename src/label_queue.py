@@ -53,7 +53,6 @@ def features(base: Path, canvases: list[Path], shas: list[str], cache_dir: Path,
 
 def encode(base: Path, canvases: list[Path], batch_size: int, keys: list[str]) -> dict[str, np.ndarray]:
     """key -> pooled features, the canvases run through the base's frozen vision tower in batches."""
-    import torch
     from PIL import Image
     from tqdm import tqdm
 
@@ -61,16 +60,37 @@ def encode(base: Path, canvases: list[Path], batch_size: int, keys: list[str]) -
 
     model, processor = vlm.load(str(base))
     out: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        for i in tqdm(range(0, len(canvases), batch_size), desc="queue features"):
-            batch = []
-            for path in canvases[i:i + batch_size]:
-                with Image.open(path) as img:
-                    batch.append(vlm.canvas_pixels(processor, img))
-            x = vlm.pooled_vision(model, torch.stack([b["pixel_values"] for b in batch]),
-                                  torch.stack([b["pixel_attention_mask"] for b in batch]))
-            out.update(zip(keys[i:i + batch_size], x.numpy()))
+    for i in tqdm(range(0, len(canvases), batch_size), desc="queue features"):
+        images = []
+        for path in canvases[i:i + batch_size]:
+            with Image.open(path) as img:
+                images.append(img.copy())
+        out.update(zip(keys[i:i + batch_size], encode_batch(model, processor, images)))
     return out
+
+
+def encode_batch(model: Any, processor: Any, images: list[Any]) -> np.ndarray:
+    """(len(images), vision hidden): the canvases' pooled frozen vision features, in one forward."""
+    import torch
+
+    from src import vlm
+
+    px = [vlm.canvas_pixels(processor, img) for img in images]
+    with torch.no_grad():
+        return vlm.pooled_vision(model, torch.stack([p["pixel_values"] for p in px]),
+                                 torch.stack([p["pixel_attention_mask"] for p in px])).numpy()
+
+
+def cannot_hold_out(elements: list[str], labels: tuple[str, ...]) -> str | None:
+    """Why no model can hold a photo out of these labels (one class; a class of one photo, the first in the
+    contract's order), or None."""
+    counts = {label: n for label in labels if (n := elements.count(label))}
+    if len(counts) < 2:
+        return f"only {list(counts)} labelled: the queue needs two classes or more"
+    rare = min(counts, key=lambda label: counts[label])
+    if counts[rare] < 2:
+        return f"class {rare!r} has {counts[rare]} labelled photo: out-of-fold probabilities need 2 or more a class"
+    return None
 
 
 def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, q: QueueParams,
@@ -86,15 +106,12 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, q: QueueParams,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    why = cannot_hold_out([names[c] for c in y], names)
+    if why:
+        raise ValueError(why)
     counts = np.bincount(y, minlength=n_classes)
     present = np.flatnonzero(counts)
-    if len(present) < 2:
-        raise ValueError(f"only {[names[c] for c in present]} labelled: the queue needs two classes or more")
-    rare = min(present, key=lambda c: counts[c])
-    if counts[rare] < 2:
-        raise ValueError(f"class {names[rare]!r} has {counts[rare]} labelled photo: out-of-fold probabilities "
-                         "need 2 or more a class")
-    folds = int(min(q.folds, counts[rare]))
+    folds = int(min(q.folds, counts[present].min()))
     index = np.full(n_classes, -1)
     index[present] = np.arange(len(present))
     # standardised: C then means the same on any encoder's feature scale

@@ -202,17 +202,13 @@ def review_queue(labelled: list[dict[str, Any]], resize256: Path, base: Path, ca
     labels = labels_of(p["contract"])
     q = label_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
-    if len({r["element"] for r in ok}) < 2:  # nothing to hold out against: spare the encoder pass
-        why = f"{len(ok)} photos labelled, in {len({r['element'] for r in ok})} class: the queue needs two or more"
+    why = label_queue.cannot_hold_out([r["element"] for r in ok], labels)
+    if why:  # before the encoder pass: it would be spent for nothing
         print(f"label: no review queue: {why}", file=sys.stderr)
         return None, {"photos": len(ok), "skipped": why}
     x = label_queue.features(base, [resize256 / r["canvas"] for r in ok], [r["canvas_sha256"] for r in ok],
                              cache_dir, q.batch_size)
-    try:
-        return label_queue.rank(ok, x, labels, q)
-    except ValueError as e:
-        print(f"label: no review queue: {e}", file=sys.stderr)
-        return None, {"photos": len(ok), "skipped": str(e)}
+    return label_queue.rank(ok, x, labels, q)
 
 
 def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
