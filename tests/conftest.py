@@ -70,6 +70,14 @@ def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
     params[leaf] = value
 
 
+def edit_yaml(path: Path, changes: dict[str, Any]) -> None:
+    """Set dotted keys in a YAML file (a repo's params.yaml), as a user editing it would."""
+    tree = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        set_param(tree, key, value)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(cwd), **(env or {})}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)

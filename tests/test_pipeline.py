@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run, set_param
+from tests.conftest import edit_yaml, run
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +20,6 @@ STAGES = ["download", "resize256", "base", "label", "split", "finetune", "conver
 
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z0-9_]+)'", output))
-
-
-def edit_params(repo: Path, dotted: str, value: object) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    set_param(params, dotted, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_repro_produces_every_stage_and_a_green_ladder(tiny_repo: Path) -> None:
@@ -65,7 +59,7 @@ def test_prompt_change_invalidates_finetune_and_after_only(tiny_repo: Path, tmp_
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
     template = yaml.safe_load((repo / "params.yaml").read_text())["contract"]["prompt"]["template"]
-    edit_params(repo, "contract.prompt.template", "Look closely. " + template)
+    edit_yaml(repo / "params.yaml", {"contract.prompt.template": "Look closely. " + template})
     status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     assert min(STAGES.index(s) for s in status) == STAGES.index("finetune")
     changed = [c["changed deps"] for c in status["finetune"] if isinstance(c, dict) and "changed deps" in c]
@@ -76,7 +70,7 @@ def test_prompt_change_invalidates_finetune_and_after_only(tiny_repo: Path, tmp_
 def test_canvas_size_change_starts_at_resize256(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    edit_params(repo, "contract.canvas.size", 224)
+    edit_yaml(repo / "params.yaml", {"contract.canvas.size": 224})
     status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     # the first stage DVC finds changed is resize256; download is untouched, everything after reads its output
     assert "download" not in status

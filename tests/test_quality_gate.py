@@ -18,15 +18,13 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, ImageDraw
 
 from src.gates import MEMORISED_GAP
-from tests.conftest import TINY, make_repo, project_params, run, set_param
+from tests.conftest import TINY, edit_yaml, make_repo, project_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +54,8 @@ def test_untrained_model_is_refused_by_the_quality_gate_not_parity(tmp_path: Pat
     # the advice followed: a learning rate above 0 (the one it names) and the model learns; one epoch is still
     # too few to release, and the diagnosis says so instead
     lr = float(re.search(r"set finetune.lr above 0 \(([\d.]+) is the demo's\)", res.stderr).group(1))
-    res = run(["dvc", "repro"], with_params(repo, {"finetune.lr": lr}), check=False)
+    edit_yaml(repo / "params.yaml", {"finetune.lr": lr})
+    res = run(["dvc", "repro"], repo, check=False)
     print(res.stderr[-3000:])
     ft = json.loads((repo / "metrics/finetune.json").read_text())
     assert ft["history"][-1]["val_loss"] < ft["val_loss_start"]
@@ -72,7 +71,8 @@ def test_an_under_trained_run_is_told_the_epochs_to_set_and_following_it_release
                        res.stderr, re.M)
     assert advice, res.stderr[-3000:]
     assert "the base cannot learn" not in res.stderr  # the demo base on the demo's photos
-    res = run(["dvc", "repro"], with_params(repo, {"finetune.epochs": int(advice.group(1))}), check=False)
+    edit_yaml(repo / "params.yaml", {"finetune.epochs": int(advice.group(1))})
+    res = run(["dvc", "repro"], repo, check=False)
     print(res.stdout[-2000:], res.stderr[-3000:])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (repo / "models/release/model.gguf").exists()
@@ -93,7 +93,8 @@ def test_too_few_photos_is_told_how_many_a_class_needs_and_adding_them_releases(
     need = int(re.search(r"add photos until every class has about (\d+) ", res.stderr).group(1))
     assert need == 12  # 19 test photos for +-0.1 at 0.95 (1.96^2 * 0.0475 / 0.01 = 18.2), 4 a class, 1 in 3 in test
     # the advice followed: that many photos of every class, nothing else changed
-    res = run(["dvc", "repro"], with_params(repo, {"download.demo.n": need * len(project_params()["contract"]["labels"])}), check=False)
+    edit_yaml(repo / "params.yaml", {"download.demo.n": need * len(project_params()["contract"]["labels"])})
+    res = run(["dvc", "repro"], repo, check=False)
     print(res.stderr[-3000:])
     ft = json.loads((repo / "metrics/finetune.json").read_text())
     assert ft["train_acc"] - ft["val_acc"] < MEMORISED_GAP, ft
@@ -135,15 +136,6 @@ def test_wrong_labels_are_named_as_labels_to_check_and_correcting_them_releases(
     print(res.stderr[-3000:])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (repo / "models/release/model.gguf").exists()
-
-
-def with_params(repo: Path, changes: dict[str, Any]) -> Path:
-    """The repo with params.yaml's dotted keys set, as a user following the advice would."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in changes.items():
-        set_param(params, key, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return repo
 
 
 # Photos the demo generator does not draw: the element is an object's shape, in any colour, on any background,

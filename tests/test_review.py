@@ -18,7 +18,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +28,7 @@ from src.review import compare
 from src.review.compare import differs, flatten
 from src.review.forge import main as post
 from src.schema import ParamsError, validate
-from tests.conftest import ROOT, project_params, run, set_param
+from tests.conftest import ROOT, edit_yaml, project_params, run, set_param
 from tests.forge_server import FakeForge
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -60,13 +59,6 @@ def record_repo(tmp_path: Path) -> Path:
     run(["git", "init", "-q"], repo)
     commit(repo, "base")
     return repo
-
-
-def edit_yaml(path: Path, changes: dict[str, Any]) -> None:
-    tree = yaml.safe_load(path.read_text())
-    for k, v in changes.items():
-        set_param(tree, k, v)
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 def lora_change(repo: Path, flip: dict[str, str]) -> None:
