@@ -34,11 +34,15 @@ def crash_dir() -> Path:
 def at(runtime: str, item: str) -> None:
     """Record that `runtime` is about to work on `item` (e.g. "llama.cpp Q8_0", "photo 'a.jpg'").
 
-    One short overwrite of a small file per call: cheap next to the native work it announces.
+    One small file written and renamed over the last note per call: cheap next to the native work it
+    announces. The rename is what makes the note whole at any instant: a signal between `write_text`'s
+    truncate and its write would leave an empty note, and the crash line would lose the photo.
     Outside a supervised stage (tests calling stage functions directly) it does nothing.
     """
     if _progress is not None:
-        _progress.write_text(f"{runtime}\t{item}")
+        draft = _progress.with_suffix(".draft")
+        draft.write_text(f"{runtime}\t{item}")
+        os.replace(draft, _progress)
 
 
 def crash_line(stage: str, sig: int, note: str, stack: Path) -> str:
@@ -80,6 +84,7 @@ def supervise(stage: str, main: Callable[[], None]) -> None:
     progress, stack = folder / f"{stage}-{pid}.progress", folder / f"{stage}-{pid}.stack"
     note = progress.read_text() if progress.exists() else ""
     progress.unlink(missing_ok=True)
+    progress.with_suffix(".draft").unlink(missing_ok=True)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         # on a line of its own: the child may have died in the middle of a progress bar's line

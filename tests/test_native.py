@@ -10,13 +10,16 @@ import os
 import re
 import shutil
 import signal
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from src import native
 from src.records import read_jsonl
 from tests.conftest import BIN, ROOT
 from tests.http_server import wait_for
@@ -94,6 +97,33 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_a_signal_at_any_instant_leaves_the_whole_last_note(tmp_path: Path) -> None:
+    """A worker killed between two notes still names what it was on.
+
+    The worker does nothing but announce photos, so every kill lands inside `at` itself; the note
+    must then hold one of the announcements whole, never an empty or half-written file.
+    """
+    progress = tmp_path / "stage.progress"
+    rng = random.Random(0)
+    notes = []
+    for _ in range(40):
+        progress.unlink(missing_ok=True)
+        pid = os.fork()
+        if pid == 0:
+            native._progress = progress
+            i = 0
+            while True:
+                native.at("llama.cpp Q8_0", f"photo 'p{i}.jpg'")
+                i += 1
+        wait_for(progress.exists, timeout_s=10, every_s=0.0005)
+        time.sleep(rng.uniform(0.0, 0.005))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        notes.append(progress.read_text())
+    torn = [n for n in notes if not re.fullmatch(r"llama\.cpp Q8_0\tphoto 'p\d+\.jpg'", n)]
+    assert not torn, f"{len(torn)} of {len(notes)} kills left a torn note: {torn[:3]}"
 
 
 @pytest.mark.slow
