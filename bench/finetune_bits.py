@@ -93,7 +93,7 @@ def main() -> None:
         rows[name] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{name}: {rows[name]}", file=sys.stderr)
     base = rows["baseline"]
-    print(f"| setting | torch threads | ATen ISA | val_loss | weights sha256 | same bits as baseline | epoch time / baseline |")
+    print("| setting | torch threads | ATen ISA | val_loss | weights sha256 | same bits as baseline | epoch time / baseline |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         same = r["val_loss"] == base["val_loss"] and r["weights"] == base["weights"]

@@ -165,7 +165,7 @@ async def _probe_ssh(r: Remote) -> str:
         raise RemoteProblem(f"cannot connect to {where}: connection refused (no SSH server listens there)") from None
     except socket.gaierror as exc:
         raise RemoteProblem(f"cannot connect to {where}: unknown host ({exc.strerror})") from None
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise RemoteProblem(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or 'timed out'}") from None
 
 
@@ -176,7 +176,7 @@ async def _host_key_cause(host: str, port: int) -> str:
     where = f"{host}:{port}"
     try:
         key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port), TIMEOUT_S)
-    except (OSError, asyncssh.Error, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncssh.Error):
         key = None
     presented = key.get_fingerprint() if key is not None else "?"
     path = KNOWN_HOSTS.expanduser()

@@ -54,9 +54,9 @@ def test_the_cache_key_follows_the_march_and_the_probe_source(tmp_path: Path) ->
 
 
 def test_llama_cpp_revision_is_the_one_the_sdist_changelog_gives_its_version(tmp_path: Path) -> None:
-    log = ("# Changelog\n\n## [Unreleased]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@fffffff\n\n## [9.9.9]\n\n"
-           "- fix: x\n- feat: update llama.cpp to ggml-org/llama.cpp@abc1234\n"
-           "\n## [9.9.8]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0000000\n").encode()
+    log = (b"# Changelog\n\n## [Unreleased]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@fffffff\n\n## [9.9.9]\n\n"
+           b"- fix: x\n- feat: update llama.cpp to ggml-org/llama.cpp@abc1234\n"
+           b"\n## [9.9.8]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0000000\n")
     (tmp_path / ".cache" / "sdist").mkdir(parents=True)
     with tarfile.open(arm64.sdist("9.9.9", tmp_path), "w:gz") as tar:
         info = tarfile.TarInfo("llama_cpp_python-9.9.9/CHANGELOG.md")

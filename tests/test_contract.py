@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from src.contract import Contract, PromptSpec
 from tests.conftest import project_params

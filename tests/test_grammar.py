@@ -126,7 +126,6 @@ def test_vlm_constrained_decoding_keeps_labels_and_forces_them(tiny_repo: Path) 
     import csv
     import io
 
-    import yaml
     from PIL import Image
 
     from src.contract import Contract

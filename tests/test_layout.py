@@ -12,7 +12,7 @@ import yaml
 from src import deps
 from src.params import ROOT, declared_keys, stage_params
 from src.schema import ParamsError, validate
-from tests.conftest import copy_project, project_params, run, set_param, stale_after
+from tests.conftest import copy_project, project_params, set_param, stale_after
 
 
 PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())

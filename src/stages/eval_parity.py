@@ -273,8 +273,8 @@ def images_csv(rows: list[Row], labels: tuple[str, ...]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     sides = ("hf", "f16", "q8_0")
     arm = sorted({s for r in rows for s in r.answers if s.startswith("arm64_")})  # the arm64 sample's rows only
-    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android", *[f"p_{s}_{l}" for s in ("hf", "q8_0") for l in labels],
-                *arm])
+    w.writerow(["id", "name", "canvas", "truth", *sides, "q8_0_android",
+                *[f"p_{s}_{label}" for s in ("hf", "q8_0") for label in labels], *arm])
     for r in rows:
         w.writerow([r.id, r.name, r.canvas, r.truth, *[r.answers[s] or f"INVALID:{r.raw[s]!r}" for s in sides],
                     r.answers.get("q8_0_android", ""), *[f"{p:.4f}" for s in ("hf", "q8_0") for p in r.probs[s]],

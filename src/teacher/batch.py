@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class BatchLog:
         return read_jsonl(self.path)
 
     def add(self, **row: Any) -> None:
-        append_jsonl(self.path, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **row})
+        append_jsonl(self.path, {"at": datetime.now(UTC).isoformat(timespec="seconds"), **row})
 
     def state(self) -> tuple[dict[str, Pending], dict[str, Pending]]:
         """(uploads not yet submitted, batches not yet imported), by file id and batch id.

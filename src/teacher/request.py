@@ -31,7 +31,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -283,7 +283,7 @@ def answer_record(item_key: str, canvas: str, cfg: TeacherConfig, element: str, 
     return {"key": item_key, "canvas_sha256": canvas, "model": cfg.model, "element": element, "reason": reason,
             "tokens_in": t_in, "tokens_out": t_out, "via": via,
             "cost_usd": cfg.cost(t_in, t_out, via == "batch"),
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 # -- a refused request -------------------------------------------------------------------------
