@@ -24,7 +24,7 @@ STAMP := .venv/.setup-$(LLAMA_CPP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: setup check repro test test-quick bench clean-venv sshd arm64
+.PHONY: setup check repro lint test test-quick bench clean-venv sshd arm64
 
 setup: $(STAMP) arm64
 
@@ -75,10 +75,13 @@ check: setup
 repro: check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
-test: setup sshd
+lint: setup
+	$(PY) -m ruff check src tests bench
+
+test: setup sshd lint
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PYTEST)
 
-test-quick: setup sshd
+test-quick: setup sshd lint
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: setup
