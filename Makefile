@@ -42,7 +42,7 @@ $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtim
 	   CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) wheel -q --no-deps $(SDIST) -w $(WHEELS))
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	printf '%s\n' '$(LLAMA_CMAKE)' > .venv/llama_cpp_cmake
-	$(PY) -m src.llama_build unpack $(SDIST)
+	$(PY) -m src.runtime.llama_build unpack $(SDIST)
 # this clone, editable: `smolvlm-read` runs from any folder and runs the code here (its egg-info is gitignored)
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -66,11 +66,11 @@ arm64: $(STAMP)
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crossbuild-essential-arm64 qemu-user-static cmake; } || \
 	  { echo "make arm64: crossbuild-essential-arm64, qemu-user-static or cmake is missing and cannot be installed here (needs root and apt): install them and rerun make, or skip the arm64 rung with eval_parity.arm64.sample: 0"; exit 1; }
-	$(PY) -m src.arm64 build
+	$(PY) -m src.runtime.arm64 build
 
 # DVC reads params.yaml and the source paths before any stage can say what is wrong with them: check first.
 check: setup
-	$(PY) -m src.check
+	$(PY) -m src.tools.check
 
 repro: check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
@@ -91,7 +91,7 @@ bench: setup
 .PHONY: review
 BASE ?= main
 review: setup
-	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m src.review $(BASE) $(HEAD)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m src.tools.review $(BASE) $(HEAD)
 
 clean-venv:
 	rm -rf .venv

@@ -4,8 +4,8 @@ Each mode times a function the project runs, not a copy of it:
 
   unconstrained  LlamaVLM.generate(stop_at_eos=False): 32 new tokens, what the app pays when EOS is <|im_end|>
   eos            LlamaVLM.generate: greedy, stop at the contract's EOS (eval_parity's decode)
-  grammar        src/reading.read_one: generate(grammar=...) with Constraint.mask, then the answer read
-                 and scored by src/answers.py (what the reading client runs per photo)
+  grammar        src/client/fortune.read_one: generate(grammar=...) with Constraint.mask, then the answer read
+                 and scored by src/model/answer.py (what the reading client runs per photo)
   score          no decoding: LlamaVLM.first_logits, argmax of answers.label_probs
 
 "tokens" counts sampled tokens (the stop token included); "decodes" counts llama_decode calls after
@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from src.answers import label_probs, parse_answer
-from src.contract import Contract
-from src.grammar import gbnf
-from src.llama_runtime import LlamaVLM
-from src.reading import read_one
+from src.model.answer import label_probs, parse_answer
+from src.config.contract import Contract
+from src.runtime.grammar import gbnf
+from src.runtime.llama_vlm import LlamaVLM
+from src.client.fortune import read_one
 
 MODES = ("unconstrained", "eos", "grammar", "score")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from src.params import ROOT
+from src.config.paths import ROOT
 
 SETTINGS: dict[str, dict[str, str]] = {
     "baseline": {},
@@ -40,10 +40,10 @@ def worker(epochs: int) -> dict[str, object]:
     """Train `epochs` epochs as the finetune stage does; the figures that decide its output's bits."""
     import torch
 
-    from src.contract import labels_of
-    from src.params import stage_params
+    from src.config.contract import labels_of
+    from src.config.params import stage_params
     from src.stages.finetune import prepare
-    from src.training import evaluate, start_processes, stop_processes, train_epoch
+    from src.model.training import evaluate, start_processes, stop_processes, train_epoch
 
     paths = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
     p = stage_params("finetune")

@@ -19,26 +19,27 @@ import numpy as np
 
 from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
-from src import label_queue, vlm
-from src.contract import Contract, VisionSpec
+from src.labeling import review_queue
+from src.model import hf_vlm
+from src.config.contract import Contract, VisionSpec
 
 
-def encode_s(c: Contract, n: int, spec: vlm.BuilderSpec, vision: VisionSpec, batch: int) -> tuple[float, np.ndarray]:
+def encode_s(c: Contract, n: int, spec: hf_vlm.BuilderSpec, vision: VisionSpec, batch: int) -> tuple[float, np.ndarray]:
     """(seconds per photo, features) of the queue's feature pass over n demo canvases on a `spec` base."""
-    model, processor = vlm.build(spec, vision)
-    vlm.configure(model, processor, vision, c.target)
+    model, processor = hf_vlm.build(spec, vision)
+    hf_vlm.configure(model, processor, vision, c.target)
     photos = demo_canvases(n, c)
     t0 = time.perf_counter()
-    out = [label_queue.encode_batch(model, processor, [img for img, _ in photos[i:i + batch]])
+    out = [review_queue.encode_batch(model, processor, [img for img, _ in photos[i:i + batch]])
            for i in range(0, n, batch)]
     return (time.perf_counter() - t0) / n, np.concatenate(out)
 
 
-def rank_s(x: np.ndarray, labels: tuple[str, ...], q: label_queue.QueueParams) -> float:
+def rank_s(x: np.ndarray, labels: tuple[str, ...], q: review_queue.QueueParams) -> float:
     rows = [{"id": str(i), "name": str(i), "canvas_sha256": str(i), "canvas": "", "element": labels[i % len(labels)],
              "provider": "manifest", "reason": ""} for i in range(len(x))]
     t0 = time.perf_counter()
-    label_queue.rank(rows, x, labels, q)
+    review_queue.rank(rows, x, labels, q)
     return time.perf_counter() - t0
 
 
@@ -48,8 +49,8 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=5000, help="photos for the ranking at scale")
     args = ap.parse_args()
     c, p = contract(), params()
-    q = label_queue.QueueParams(**p["label"]["queue"])
-    demo_spec = vlm.BuilderSpec(**p["base"]["builder"])
+    q = review_queue.QueueParams(**p["label"]["queue"])
+    demo_spec = hf_vlm.BuilderSpec(**p["base"]["builder"])
     print(f"finetune epoch on {args.n} demo canvases (baseline) ...", flush=True)
     ft = stages.finetune_epoch(c, args.n, 1)
     print("finetune epoch at SmolVLM-256M shapes on 4 canvases (the real-size baseline, per photo) ...", flush=True)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from src import demo
-from src.canvas import BadImage, canvas_png, render_png
-from src.contract import CanvasSpec
+from src.data import demo
+from src.data.canvas import BadImage, canvas_png, render_png
+from src.config.contract import CanvasSpec
 from bench.common import contract
 
 SPEC, LABELS = contract().canvas, contract().labels  # what resize256 draws: params.yaml's contract

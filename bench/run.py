@@ -21,12 +21,12 @@ from PIL import Image
 
 from bench import decode, stages, tokens
 from bench.common import CACHE, OUT, SMOLVLM_256M_SHAPES, contract, demo_canvases, rel, table
-from src import vlm
-from src.contract import Contract, VisionSpec
-from src.grammar import gbnf
-from src.llama_runtime import LlamaVLM
-from src.params import ROOT
-from src.records import read_jsonl
+from src.model import hf_vlm
+from src.config.contract import Contract, VisionSpec
+from src.runtime.grammar import gbnf
+from src.runtime.llama_vlm import LlamaVLM
+from src.config.paths import ROOT
+from src.data.files import read_jsonl
 
 
 def section_tokens(c: Contract, quick: bool) -> tuple[dict[str, Any], str]:
@@ -60,7 +60,7 @@ def demo_photos(c: Contract, quick: bool) -> tuple[list[tuple[Any, str]], Path, 
 
 
 def section_decode(c: Contract, quick: bool, scale_files: dict[str, str] | None) -> tuple[dict[str, Any], str]:
-    label_ids = vlm.label_token_ids(vlm.smollm2_tokenizer(), c.labels, c.target)
+    label_ids = hf_vlm.label_token_ids(hf_vlm.smollm2_tokenizer(), c.labels, c.target)
     res: dict[str, Any] = {"grammar": gbnf(c.labels, c.target)}
     rows, md = [], "### Decode per photo, four ways (llama.cpp, greedy)\n\n"
     demo = demo_photos(c, quick)

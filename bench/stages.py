@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from bench.common import ROOT, demo_canvases, params, timed
-from src import vlm
-from src.canvas import canvas_png
-from src.contract import Contract, VisionSpec
+from src.model import hf_vlm
+from src.data.canvas import canvas_png
+from src.config.contract import Contract, VisionSpec
 
 # -- resize --------------------------------------------------------------------------------------
 
@@ -40,11 +40,11 @@ def resize(quick: bool) -> dict[str, Any]:
 # -- label ---------------------------------------------------------------------------------------
 
 def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> dict[str, Any]:
-    """Items/s of src.teacher's online client at each concurrency, same server (the tests' fake, with a
+    """Items/s of src.labeling.teacher's online client at each concurrency, same server (the tests' fake, with a
     fixed latency per chat request), same items."""
-    from src.label_cache import AnswerCache
-    from src.teacher.client import teach
-    from src.teacher.request import Item, TeacherConfig
+    from src.labeling.answer_cache import AnswerCache
+    from src.labeling.teacher.client import teach
+    from src.labeling.teacher.request import Item, TeacherConfig
     from tests.openai_server import FakeOpenAI
 
     key = "sk-loopback"  # a dummy for the loopback server
@@ -78,20 +78,20 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
 
 # -- finetune ------------------------------------------------------------------------------------
 
-def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | None = None,
+def finetune_epoch(c: Contract, n: int, epochs: int, spec: hf_vlm.BuilderSpec | None = None,
                    vision: VisionSpec | None = None) -> dict[str, Any]:
     """Seconds per epoch over n canvases with the encoder in every step vs cached once (same model, same LoRA).
 
     Default: the demo's builder model. `spec`/`vision` give another size, e.g. SmolVLM-256M's shapes.
     """
-    from src.training import Example, Procs, lora, train_epoch
+    from src.model.training import Example, Procs, lora, train_epoch
 
     p = params()["finetune"]
     vision = vision or c.vision
-    model, processor = vlm.build(spec or vlm.BuilderSpec(**params()["base"]["builder"]), vision)
-    vlm.configure(model, processor, vision, c.target)
-    label_ids = vlm.label_token_ids(processor.tokenizer, c.labels, c.target)
-    exs = [Example(str(i), lab, vlm.training_example(processor, c.prompt, c.labels, c.target, canvas, lab))
+    model, processor = hf_vlm.build(spec or hf_vlm.BuilderSpec(**params()["base"]["builder"]), vision)
+    hf_vlm.configure(model, processor, vision, c.target)
+    label_ids = hf_vlm.label_token_ids(processor.tokenizer, c.labels, c.target)
+    exs = [Example(str(i), lab, hf_vlm.training_example(processor, c.prompt, c.labels, c.target, canvas, lab))
            for i, (canvas, lab) in enumerate(demo_canvases(n, c))]
     eos = processor.tokenizer.convert_tokens_to_ids(c.target.eos)
     net = lora(model, p, label_ids + [eos]).get_base_model()
@@ -99,13 +99,13 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
     opt = torch.optim.AdamW(trained, lr=p["lr"])
     pad, bs, one = processor.tokenizer.pad_token_id, p["batch_size"], Procs(0, 1, torch.device("cpu"))
 
-    def epoch(cached: bool) -> None:  # the stage's epoch (src/training.py), in a fixed order
+    def epoch(cached: bool) -> None:  # the stage's epoch (src/model/training.py), in a fixed order
         train_epoch(net, opt, trained, exs, list(range(len(exs))), bs, pad, cached, one, "bench epoch")
 
     def fill_cache() -> None:
         with torch.no_grad():
             for e in exs:
-                e.hidden = vlm.vision_hidden(net, e.tensors["pixel_values"][None], e.tensors["pixel_attention_mask"][None])[0]
+                e.hidden = hf_vlm.vision_hidden(net, e.tensors["pixel_values"][None], e.tensors["pixel_attention_mask"][None])[0]
 
     epoch(False)  # warm-up: first-call allocations would otherwise land on whichever side runs first
     cache_s, _ = timed(fill_cache)

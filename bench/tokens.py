@@ -23,10 +23,10 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.common import CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, median_time, timed
-from src import geometry, vlm
-from src.contract import Contract, VisionSpec
-from src.llama_build import convert
-from src.llama_runtime import LlamaVLM, expand
+from src.model import geometry, hf_vlm
+from src.config.contract import Contract, VisionSpec
+from src.runtime.llama_build import convert
+from src.runtime.llama_vlm import LlamaVLM, expand
 
 # (tile, longest_edge): stock, stock tile at smaller edges, and re-tiled encoders.
 CANDIDATES = [(512, 2048), (512, 1024), (512, 512), (256, 512), (256, 256), (128, 256)]
@@ -52,8 +52,8 @@ class LayoutResult:
 
 def layout_check(model: Any, processor: Any, v: LlamaVLM, c: Contract, canvas: Any) -> tuple[int, int, bool]:
     """(transformers image tokens, llama.cpp image tokens, whole id layouts identical)."""
-    image_id = processor.tokenizer.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
-    ids = vlm.prompt_inputs(processor, c.prompt, c.labels, canvas)["input_ids"][0].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids(hf_vlm.HF_IMAGE_TOKEN)
+    ids = hf_vlm.prompt_inputs(processor, c.prompt, c.labels, canvas)["input_ids"][0].tolist()
     chunks = v.layout(c.prompt_for(v.marker()), canvas)
     return ids.count(image_id), sum(ch.n_tokens for ch in chunks if ch.kind == "image"), expand(chunks, image_id) == ids
 
@@ -64,12 +64,12 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
     out = []
     text_gguf = work / "proxy-text.gguf"
     for tile, edge in tqdm(CANDIDATES, desc="geometry candidates"):
-        model, processor = vlm.build_sized(PROXY_VISION, PROXY_TEXT, STOCK_SCALE, seed=0)
+        model, processor = hf_vlm.build_sized(PROXY_VISION, PROXY_TEXT, STOCK_SCALE, seed=0)
         if tile != PROXY_VISION["image_size"]:
             geometry.retile(model, processor, tile)
-        vlm.configure(model, processor, VisionSpec(tile, edge), c.target)
+        hf_vlm.configure(model, processor, VisionSpec(tile, edge), c.target)
         d = work / f"proxy-{tile}-{edge}"
-        vlm.save(model, processor, d)
+        hf_vlm.save(model, processor, d)
         if not text_gguf.exists():  # the text GGUF holds no vision geometry: one serves every candidate
             convert(d, text_gguf, "f32")
         mm = work / f"proxy-mmproj-{tile}-{edge}.gguf"
@@ -81,7 +81,7 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
 
 
 def _fingerprint(c: Contract) -> str:
-    spec = ["smollm2 seed 0", vlm.SMOLVLM_256M_VISION, vlm.SMOLVLM_256M_TEXT, vlm.SMOLVLM_256M_SCALE,
+    spec = ["smollm2 seed 0", hf_vlm.SMOLVLM_256M_VISION, hf_vlm.SMOLVLM_256M_TEXT, hf_vlm.SMOLVLM_256M_SCALE,
             {k: v.__dict__ for k, v in AT_SCALE.items()}, c.target.__dict__, 2]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -104,15 +104,15 @@ def stock_ggufs(c: Contract) -> dict[str, Path]:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     steps = tqdm(total=1 + 2 * len(AT_SCALE), desc="real-size base (SmolLM2 text weights, seeded vision)")
-    stock_model, stock_processor = vlm.build_smollm2(seed=0)
+    stock_model, stock_processor = hf_vlm.build_smollm2(seed=0)
     steps.update()
     for name, spec in AT_SCALE.items():
         model, processor = (stock_model, stock_processor) if name == "stock" else \
             (copy.deepcopy(stock_model), copy.deepcopy(stock_processor))
         if spec.tile != model.config.vision_config.image_size:
             geometry.retile(model, processor, spec.tile)
-        vlm.configure(model, processor, spec, c.target)
-        vlm.save(model, processor, files[f"{name}_hf"])
+        hf_vlm.configure(model, processor, spec, c.target)
+        hf_vlm.save(model, processor, files[f"{name}_hf"])
         if name == "stock":
             convert(files["stock_hf"], files["text"], "f16")
         convert(files[f"{name}_hf"], files[name], "f16", mmproj=True); steps.update()  # noqa: E702
@@ -135,8 +135,8 @@ def at_scale(c: Contract, canvas: Any, reps_stock: int, reps_chosen: int) -> dic
         processor = Idefics3Processor.from_pretrained(files[f"{name}_hf"])
         with LlamaVLM(files["text"], files[name], n_ctx=2048, n_threads=2) as v:
             prompt = c.prompt_for(v.marker())
-            image_id = processor.tokenizer.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
-            ids = vlm.prompt_inputs(processor, c.prompt, c.labels, canvas)["input_ids"][0].tolist()
+            image_id = processor.tokenizer.convert_tokens_to_ids(hf_vlm.HF_IMAGE_TOKEN)
+            ids = hf_vlm.prompt_inputs(processor, c.prompt, c.labels, canvas)["input_ids"][0].tolist()
             chunks = v.layout(prompt, canvas)
             n_img = sum(ch.n_tokens for ch in chunks if ch.kind == "image")
             print(f"  per photo {name} (tile {spec.tile}, longest_edge {spec.longest_edge}, {n_img} image tokens) "

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from src.records import read_jsonl
+from src.data.files import read_jsonl
 from tests.http_server import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ TINY = {
 }
 
 
-# The SmolVLM every test builds in-process (vlm.BuilderSpec fields; as a dict, so importing this file
+# The SmolVLM every test builds in-process (hf_vlm.BuilderSpec fields; as a dict, so importing this file
 # does not import transformers): the smallest model the demo geometry (contract.vision) takes.
 TINY_MODEL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "patch": 8, "scale_factor": 2,
               "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "seed": 0}
@@ -57,8 +57,8 @@ def project_params() -> dict[str, Any]:
 
 
 def params_for(stage: str) -> dict[str, Any]:
-    """What `src.params.stage_params(stage)` hands the stage, read from the tests' params instead of params.yaml."""
-    from src.params import declared_keys, select
+    """What `src.config.params.stage_params(stage)` hands the stage, read from the tests' params instead of params.yaml."""
+    from src.config.params import declared_keys, select
 
     return select(project_params(), declared_keys(stage, ROOT / "dvc.yaml"), PARAMS_FILE)
 
@@ -182,12 +182,12 @@ def tiny_model() -> tuple[Any, Any]:
 
     Building reads SmolLM2's tokenizer from its GGUF (seconds); a test that trains deep-copies the model.
     """
-    from src import vlm
-    from src.contract import Contract
+    from src.model import hf_vlm
+    from src.config.contract import Contract
 
     c = Contract.from_dict(project_params()["contract"])
-    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
-    vlm.configure(model, processor, c.vision, c.target)
+    model, processor = hf_vlm.build(hf_vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    hf_vlm.configure(model, processor, c.vision, c.target)
     return model, processor
 
 

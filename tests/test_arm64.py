@@ -13,8 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from src import arm64
-from src.schema import ParamsError, validate
+from src.runtime import arm64
+from src.config.schema import ParamsError, validate
 from src.stages.eval_parity import arm64_sample
 from tests.conftest import ROOT, project_params
 
@@ -86,9 +86,9 @@ def test_a_sample_with_no_variant_to_run_it_on_is_refused() -> None:
 # ---- the probe itself, cross-built and run under qemu on the tiny pipeline's GGUFs ----------------------
 
 def q8(repo: Path) -> tuple[Path, Path]:
-    from src.artifacts import text_gguf, the_mmproj
+    from src.config.artifacts import text_gguf, mmproj_of
 
-    return text_gguf(repo / "models/quantize_q8", "q8_0"), the_mmproj(repo / "models/convert_gguf")
+    return text_gguf(repo / "models/quantize_q8", "q8_0"), mmproj_of(repo / "models/convert_gguf")
 
 
 def canvases(repo: Path, n: int) -> list[Image.Image]:
@@ -113,8 +113,8 @@ def test_the_tiny_pipeline_runs_the_rung_and_the_card_names_the_kernels(tiny_rep
 
 @pytest.mark.slow
 def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(tiny_repo: Path) -> None:
-    from src.contract import Contract
-    from src.llama_runtime import LlamaVLM
+    from src.config.contract import Contract
+    from src.runtime.llama_vlm import LlamaVLM
 
     contract = Contract.from_dict(PARAMS["contract"])
     gen, n_ctx = contract.generation, PARAMS["eval_parity"]["n_ctx"]
@@ -142,8 +142,8 @@ def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(
 def test_a_probe_on_a_core_without_its_instructions_fails_naming_the_variant_and_the_core(tiny_repo: Path) -> None:
     """Cortex-A76 has dot product but no i8mm: the i8mm build must trap there, so the dotprod rung on it proves
     the baseline phones' instruction set and not more."""
-    from src.contract import Contract
-    from src.llama_runtime import LlamaVLM
+    from src.config.contract import Contract
+    from src.runtime.llama_vlm import LlamaVLM
 
     contract = Contract.from_dict(PARAMS["contract"])
     prompt, n_ctx = contract.prompt_for(LlamaVLM.marker()), PARAMS["eval_parity"]["n_ctx"]

@@ -11,16 +11,16 @@ import pytest
 import torch
 import yaml
 
-from src import bases, vlm
-from src.contract import Contract, VisionSpec
+from src.model import bases, hf_vlm
+from src.config.contract import Contract, VisionSpec
 from tests.conftest import ROOT, make_repo, project_params, run, set_param
 
 C = Contract.from_dict(project_params()["contract"])
-TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
+TINY = hf_vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # The real-size profile, as the README's `dvc exp run` states it (a test below keeps the two equal).
-STOCK_TILE = vlm.SMOLVLM_256M_VISION["image_size"]  # 512: SigLIP-base's tiles
+STOCK_TILE = hf_vlm.SMOLVLM_256M_VISION["image_size"]  # 512: SigLIP-base's tiles
 REAL_SIZE = {
     "base.source": "smollm2",
     "contract.vision.tile": STOCK_TILE // 2,  # re-tiled: 80 image tokens instead of 1088
@@ -59,7 +59,7 @@ def test_empty_local_dir_and_unknown_source_are_one_line_errors() -> None:
 
 def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     """A base saved at one tile (the hub's layout) comes out at the contract's tile, configured."""
-    model, processor = vlm.build(TINY, VisionSpec(tile=64, longest_edge=128))
+    model, processor = hf_vlm.build(TINY, VisionSpec(tile=64, longest_edge=128))
     model.save_pretrained(tmp_path / "hub", safe_serialization=True)
     processor.save_pretrained(tmp_path / "hub")
     vision, target = VisionSpec(tile=32, longest_edge=64), C.target
@@ -94,7 +94,7 @@ def test_readme_states_the_real_size_profile_of_these_tests() -> None:
 
 @pytest.mark.slow
 def test_smollm2_base_has_the_real_text_model() -> None:
-    model, processor = vlm.build_smollm2(seed=0)
+    model, processor = hf_vlm.build_smollm2(seed=0)
     v, t = model.config.vision_config, model.config.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size) \
         == (768, 12, 12, 3072, 512, 16)
@@ -110,7 +110,7 @@ def test_smollm2_base_has_the_real_text_model() -> None:
         logits = model.lm_head(model.model.text_model(input_ids=ids).last_hidden_state)[0, -1]
     assert tok.decode(logits.argmax().item()).strip() == "Paris"
     # the vision tower is seeded: the same seed builds the same tower
-    again, _ = vlm.build_smollm2(seed=0)
+    again, _ = hf_vlm.build_smollm2(seed=0)
     a, b = (m.model.vision_model.embeddings.patch_embedding.weight for m in (model, again))
     assert torch.equal(a, b)
 
@@ -144,8 +144,8 @@ def test_status_after_a_geometry_change_names_base_and_after_only(tiny_repo: Pat
 def test_real_size_local_directory_runs_end_to_end(tmp_path: Path) -> None:
     """The way a user with the hub model will run it: a directory in the hub's layout at 512 px tiles,
     re-tiled to 256 by the base stage, then finetune, convert, quantize, eval_parity (its gates) and release."""
-    model, processor = vlm.build_smollm2(seed=0)
-    vlm.configure(model, processor, VisionSpec(tile=512, longest_edge=2048), C.target)  # the stock geometry
+    model, processor = hf_vlm.build_smollm2(seed=0)
+    hf_vlm.configure(model, processor, VisionSpec(tile=512, longest_edge=2048), C.target)  # the stock geometry
     hub = tmp_path / "SmolVLM-256M-layout"
     model.save_pretrained(hub, safe_serialization=True)
     processor.save_pretrained(hub)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.canvas import BadImage, android_canvas, canvas_png, fit_box, to_canvas
-from src.contract import CanvasSpec
+from src.data.canvas import BadImage, android_canvas, canvas_png, fit_box, to_canvas
+from src.config.contract import CanvasSpec
 from tests.conftest import project_params
 
 SPEC = CanvasSpec(**project_params()["contract"]["canvas"])

@@ -1,4 +1,4 @@
-"""The preflight `python -m src.check` (`make check`, run by `make repro` before `dvc repro`).
+"""The preflight `python -m src.tools.check` (`make check`, run by `make repro` before `dvc repro`).
 
 DVC reads params.yaml and every source path before a stage can speak, so without the check a missing
 folder is DVC's `[Errno 2] No such file or directory` and an empty params.yaml DVC's `failed to parse
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from src.check import problems
+from src.tools.check import problems
 from tests.conftest import ROOT, copy_project
 
 
 def check(project: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "src.check"], cwd=project, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "src.tools.check"], cwd=project, capture_output=True, text=True)
 
 
 def test_a_missing_photo_folder_is_the_schemas_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -70,5 +70,5 @@ def test_a_source_not_in_use_must_still_exist_as_dvc_hashes_it(tmp_path: Path, m
 def test_make_repro_runs_the_check_before_dvc() -> None:
     # -n prints the recipe without running it: the check must come first, or DVC's message reaches the user
     lines = subprocess.run(["make", "-n", "repro"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
-    check_at = next(i for i, x in enumerate(lines) if x.endswith("-m src.check"))
+    check_at = next(i for i, x in enumerate(lines) if x.endswith("-m src.tools.check"))
     assert check_at < next(i for i, x in enumerate(lines) if x.endswith("dvc repro"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from src.contract import Contract, PromptSpec
+from src.config.contract import Contract, PromptSpec
 from tests.conftest import project_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,15 +50,15 @@ STRAY_STRINGS = {
     r"Classify this image": {"tests/test_params.py": BAD_TEMPLATE},
     r"Element:": {"tests/test_params.py": BAD_TEMPLATE},
     r"<__media__>": {},
-    r"<end_of_utterance>": {"src/vlm.py": "the tokenizer vocabulary SmolVLM adds, not the EOS choice"},
-    r"^ ?(water|land|fire|wood|metal)$": {"src/demo.py": "the demo's painters, one per drawable element",
-                                          "src/reading.py": "the five-element cycles, checked against the labels",
+    r"<end_of_utterance>": {"src/model/hf_vlm.py": "the tokenizer vocabulary SmolVLM adds, not the EOS choice"},
+    r"^ ?(water|land|fire|wood|metal)$": {"src/data/demo.py": "the demo's painters, one per drawable element",
+                                          "src/client/fortune.py": "the five-element cycles, checked against the labels",
                                           "tests/": LABEL_DATA, "bench/": LABEL_DATA},
 }
 STRAY_KEYWORDS = {"max_new_tokens", "temperature", "top_k", "repeat_penalty", "repetition_penalty", "size"}
 # Where 256 or a `size=` is not the canvas.
 STRAY_NUMBERS = {
-    "src/schema.py": "bounds of label.concurrency and eval_parity.n_ctx, not the canvas",
+    "src/config/schema.py": "bounds of label.concurrency and eval_parity.n_ctx, not the canvas",
     "bench/resize.py": "the seed's resize_for_android, kept as written: it is the baseline",
     "bench/tokens.py": "vision tile candidates the benchmark compares, not the canvas",
     "bench/run.py": "the benchmark's re-tiled vision geometry, not the canvas",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from src import demo
+from src.data import demo
 from src.stages.split import PARTS, counts, photos_needed, split, sufficiency
 from tests.conftest import make_repo, run
 

@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from src.stages.download import HttpConfig, run
-from src.records import read_jsonl, sha256
-from src.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
+from src.data.files import read_jsonl, sha256
+from src.data.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
 from tests.conftest import kill_midway, make_repo
 from tests.conftest import run as run_cmd
 from tests.http_server import LoopbackServer, Route, drip, flaky, no_length, ok, redirect, stall, status
@@ -146,7 +146,7 @@ KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
 from src.stages.download import HttpConfig, run
-from src.sources import manifest_items
+from src.data.sources import manifest_items
 out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
 run(manifest_items(manifest), out, out.parent / (out.name + ".json"), cfg, 1.0)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src import vlm
-from src.canvas import decode, render_png, to_canvas
-from src.contract import Contract
-from src.demo import photo
-from src.records import sha256, write_bytes_atomic, write_jsonl
-from src.training import Example, Procs, answer_tokens, batch_loss, better, fingerprint, load_checkpoint, lora, \
+from src.model import hf_vlm
+from src.data.canvas import decode, render_png, to_canvas
+from src.config.contract import Contract
+from src.data.demo import photo
+from src.data.files import sha256, write_bytes_atomic, write_jsonl
+from src.model.training import Example, Procs, answer_tokens, batch_loss, better, fingerprint, load_checkpoint, lora, \
     save_checkpoint, train_epoch, trainable
 from tests.conftest import BIN, TINY_MODEL, copy_project, project_params
 
@@ -40,7 +40,7 @@ def demo_examples(processor: Any, n: int) -> list[Example]:
     for i in range(n):
         p = photo(i, C.labels, seed=3)
         img = to_canvas(decode(p.data, C.canvas), C.canvas).convert("RGB")
-        out.append(Example(str(i), p.label, vlm.training_example(processor, C.prompt, C.labels, C.target, img, p.label)))
+        out.append(Example(str(i), p.label, hf_vlm.training_example(processor, C.prompt, C.labels, C.target, img, p.label)))
     return out
 
 
@@ -48,7 +48,7 @@ def tiny_net(tiny_model: tuple[Any, Any]) -> Any:
     """A fresh copy of the session's tiny model with finetune's LoRA, seeded: two calls give the same weights."""
     model, processor = tiny_model
     torch.manual_seed(0)
-    ids = vlm.label_token_ids(processor.tokenizer, C.labels, C.target)
+    ids = hf_vlm.label_token_ids(processor.tokenizer, C.labels, C.target)
     return lora(copy.deepcopy(model), FT, ids + [processor.tokenizer.convert_tokens_to_ids(C.target.eos)]).get_base_model()
 
 
@@ -58,7 +58,7 @@ def examples(tiny_model: tuple[Any, Any]) -> list[Example]:
     out = demo_examples(processor, 3)
     with torch.no_grad():  # the feature cache, as finetune fills it: epochs then skip the vision tower
         for e in out:
-            e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None], e.tensors["pixel_attention_mask"][None])[0]
+            e.hidden = hf_vlm.vision_hidden(model, e.tensors["pixel_values"][None], e.tensors["pixel_attention_mask"][None])[0]
     return out
 
 

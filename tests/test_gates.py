@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from src.gates import class_coverage_gate, epochs_advised, gates, guessing_p, photos_per_class_needed, \
+from src.quality.gates import class_coverage_gate, epochs_advised, gates, guessing_p, photos_per_class_needed, \
     quality_diagnosis, quality_gates
 from tests.conftest import project_params
 

@@ -1,4 +1,4 @@
-"""Re-tiling the vision encoder (src/geometry.py): the interpolated encoder converts, and llama.cpp
+"""Re-tiling the vision encoder (src/model/geometry.py): the interpolated encoder converts, and llama.cpp
 lays out and scores the image exactly as transformers does."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from src import geometry, vlm
-from src.contract import Contract, VisionSpec
-from src.llama_build import convert
-from src.llama_runtime import LlamaVLM, expand
+from src.model import geometry, hf_vlm
+from src.config.contract import Contract, VisionSpec
+from src.runtime.llama_build import convert
+from src.runtime.llama_vlm import LlamaVLM, expand
 from tests.conftest import TINY_MODEL, project_params
 
 C = Contract.from_dict(project_params()["contract"])
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
-TINY = vlm.BuilderSpec(**TINY_MODEL)
+TINY = hf_vlm.BuilderSpec(**TINY_MODEL)
 OLD, NEW = VisionSpec(tile=128, longest_edge=256), VisionSpec(tile=64, longest_edge=128)
 
 
@@ -47,18 +47,18 @@ def test_interpolating_to_the_same_grid_is_the_identity_and_a_ramp_stays_a_ramp(
 
 
 def test_a_tile_that_does_not_divide_is_refused() -> None:
-    model, processor = vlm.build(TINY, OLD)
+    model, processor = hf_vlm.build(TINY, OLD)
     with pytest.raises(ValueError, match="multiple"):
         geometry.retile(model, processor, 72)
 
 
 @pytest.fixture(scope="module")
 def retiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
-    model, processor = vlm.build(TINY, OLD)
+    model, processor = hf_vlm.build(TINY, OLD)
     geometry.retile(model, processor, NEW.tile)
-    vlm.configure(model, processor, NEW, C.target)
+    hf_vlm.configure(model, processor, NEW, C.target)
     out = tmp_path_factory.mktemp("retiled")
-    vlm.save(model, processor, out / "hf")
+    hf_vlm.save(model, processor, out / "hf")
     convert(out / "hf", out / "text-f32.gguf", "f32")
     convert(out / "hf", out / "mmproj-f32.gguf", "f32", mmproj=True)
     return model, processor, out
@@ -68,17 +68,17 @@ def retiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
 def test_retiled_encoder_keeps_layout_and_logit_parity_in_llama_cpp(retiled: tuple[Any, Any, Path]) -> None:
     model, processor, out = retiled
     assert model.model.vision_model.embeddings.position_embedding.num_embeddings == (NEW.tile // TINY.patch) ** 2
-    image_id = processor.tokenizer.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
+    image_id = processor.tokenizer.convert_tokens_to_ids(hf_vlm.HF_IMAGE_TOKEN)
     with LlamaVLM(out / "text-f32.gguf", out / "mmproj-f32.gguf", n_ctx=1024) as v:
         prompt = C.prompt_for(v.marker())
         for seed in range(2):
-            inputs = vlm.prompt_inputs(processor, C.prompt, C.labels, canvas(seed))
+            inputs = hf_vlm.prompt_inputs(processor, C.prompt, C.labels, canvas(seed))
             layout = v.layout(prompt, canvas(seed))
             assert expand(layout, image_id) == inputs["input_ids"][0].tolist()
             n_image = sum(c.n_tokens for c in layout if c.kind == "image")
             assert n_image == geometry.image_tokens(geometry.llama_layout(NEW.tile, NEW.longest_edge),
                                                     NEW.tile, TINY.patch, TINY.scale_factor) == 80
             # the interpolated table is what llama.cpp adds too: the first-token logits agree at f32
-            hf = vlm.first_logits(model, inputs).numpy()
+            hf = hf_vlm.first_logits(model, inputs).numpy()
             ll = v.first_logits(prompt, canvas(seed))[: len(hf)]
             assert np.abs(ll - hf).max() < 1e-3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from src.artifacts import mmproj_gguf, text_gguf, the_mmproj
+from src.config.artifacts import mmproj_gguf, text_gguf, mmproj_of
 from src.stages.convert_gguf import jobs
 from src.stages.quantize_q8 import FTYPES, quantize
 
@@ -25,12 +25,12 @@ def test_convert_refuses_no_or_repeated_outtypes(tmp_path: Path, outtypes: list[
 
 def test_the_mmproj_is_found_whatever_its_outtype_and_must_be_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="expected one mmproj"):
-        the_mmproj(tmp_path)
+        mmproj_of(tmp_path)
     mmproj_gguf(tmp_path, "f16").write_bytes(b"")
-    assert the_mmproj(tmp_path) == mmproj_gguf(tmp_path, "f16")
+    assert mmproj_of(tmp_path) == mmproj_gguf(tmp_path, "f16")
     mmproj_gguf(tmp_path, "f32").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="found"):
-        the_mmproj(tmp_path)
+        mmproj_of(tmp_path)
 
 
 def test_quantize_refuses_an_unknown_ftype_before_touching_files(tmp_path: Path) -> None:

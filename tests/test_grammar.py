@@ -15,9 +15,9 @@ import yaml
 
 import llama_cpp
 
-from src.contract import Contract, TargetSpec
-from src.grammar import Constraint, GrammarError, admits, gbnf, literal
-from src.llama_runtime import silence
+from src.config.contract import Contract, TargetSpec
+from src.runtime.grammar import Constraint, GrammarError, admits, gbnf, literal
+from src.runtime.llama_vlm import silence
 from tests.conftest import project_params
 
 CONTRACT = Contract.from_dict(project_params()["contract"])
@@ -26,7 +26,7 @@ LABELS, TARGET = CONTRACT.labels, CONTRACT.target
 
 @pytest.fixture(scope="module")
 def vocab() -> Iterator[llama_cpp.Llama]:
-    from src.vlm import smollm2_gguf
+    from src.model.hf_vlm import smollm2_gguf
 
     silence()
     llm = llama_cpp.Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
@@ -128,9 +128,9 @@ def test_vlm_constrained_decoding_keeps_labels_and_forces_them(tiny_repo: Path) 
 
     from PIL import Image
 
-    from src.contract import Contract
-    from src.llama_runtime import LlamaVLM
-    from src.artifacts import BUNDLE
+    from src.config.contract import Contract
+    from src.runtime.llama_vlm import LlamaVLM
+    from src.config.artifacts import BUNDLE
 
     paths = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["vars"][0]["paths"]
     bundle = tiny_repo / paths["release"]

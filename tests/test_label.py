@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from src.stages.label import label_stage
-from src.records import read_jsonl, sha256, write_jsonl
+from src.data.files import read_jsonl, sha256, write_jsonl
 from tests.conftest import params_for, project_params
 from tests.http_server import wait_for
 from tests.openai_server import LLAMA_CPP_REFUSAL, FakeOpenAI
@@ -217,7 +217,7 @@ def test_teacher_fails_fast_on_a_missing_or_wrong_key(tmp_path: Path, monkeypatc
 
 
 def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
-    from src.label_cache import AnswerCache
+    from src.labeling.answer_cache import AnswerCache
 
     (tmp_path / "answers.jsonl").write_text('{"key": "a", "element": "fire"}\n{"key": "b", "elem')
     cache = AnswerCache(tmp_path)
@@ -227,7 +227,7 @@ def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
 
 
 def test_cache_key_is_canvas_model_prompt_schema() -> None:
-    from src.teacher.request import TeacherConfig, cache_key
+    from src.labeling.teacher.request import TeacherConfig, cache_key
 
     cfg = TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"])
     k = cache_key("a" * 64, cfg, LABELS)
@@ -286,7 +286,7 @@ def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, 
 
 
 def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(tmp_path: Path, key: str) -> None:
-    from src.teacher.request import TeacherConfig, request_body
+    from src.labeling.teacher.request import TeacherConfig, request_body
 
     body = request_body(TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"]), LABELS, b"png")
     # OpenAI's strict form, as it was before the bound: nothing outside the subset OpenAI accepts
@@ -317,7 +317,7 @@ def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(
 
 
 def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_path: Path, key: str) -> None:
-    from src.teacher.request import TeacherConfig, retry_budget
+    from src.labeling.teacher.request import TeacherConfig, retry_budget
 
     truth = make_canvases(tmp_path / "resize256", 4)
     s = sorted(truth)
@@ -394,10 +394,10 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
     from llama_cpp import Llama
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    from src.grammar import Constraint
-    from src.llama_runtime import silence
-    from src.teacher.request import TeacherConfig, answer_schema, request_body
-    from src.vlm import smollm2_gguf
+    from src.runtime.grammar import Constraint
+    from src.runtime.llama_vlm import silence
+    from src.labeling.teacher.request import TeacherConfig, answer_schema, request_body
+    from src.model.hf_vlm import smollm2_gguf
 
     cfg = TeacherConfig.from_params(params(teacher__response_format="json_object", teacher__max_tokens_field="max_tokens")["label"])
     bounded = request_body(cfg, LABELS, b"png")["response_format"]["schema"]
@@ -437,7 +437,7 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
 
 
 def test_refused_field_reads_each_servers_complaint() -> None:
-    from src.teacher.request import refused_field
+    from src.labeling.teacher.request import refused_field
 
     # llama-cpp-python: pydantic's error quoted in a 500
     assert refused_field(500, {"message": LLAMA_CPP_REFUSAL}, "Error code: 500 - " + LLAMA_CPP_REFUSAL) == (
@@ -490,7 +490,7 @@ def test_batch_mode_submits_once_resumes_after_restart_and_imports_into_the_cach
 
 def test_batch_mode_asks_a_cut_off_answer_once_more_in_a_follow_up_batch_and_resumes_without_paying_twice(
         tmp_path: Path, key: str) -> None:
-    from src.teacher.request import TeacherConfig, retry_budget
+    from src.labeling.teacher.request import TeacherConfig, retry_budget
 
     truth = make_canvases(tmp_path / "resize256", 4)
     s = sorted(truth)
@@ -639,25 +639,25 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     Yields (base URL, server log)."""
     import gguf
 
-    from src import vlm
-    from src.contract import Contract
-    from src.llama_build import convert
+    from src.model import hf_vlm
+    from src.config.contract import Contract
+    from src.runtime.llama_build import convert
     from src.stages.quantize_q8 import quantize
     from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
     params_yaml = project_params()
     c = Contract.from_dict(params_yaml["contract"])
-    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
-    vlm.configure(model, processor, c.vision, c.target)
-    vlm.save(model, processor, tmp / "hf")
+    model, processor = hf_vlm.build(hf_vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    hf_vlm.configure(model, processor, c.vision, c.target)
+    hf_vlm.save(model, processor, tmp / "hf")
     # the release's path: f32, then llama.cpp's Q8_0 quantiser; the mmproj in the release's outtype
     convert(tmp / "hf", tmp / "text-f32.gguf", "f32")
     quantize(tmp / "text-f32.gguf", tmp / "model.gguf", params_yaml["quantize_q8"]["ftype"])
     convert(tmp / "hf", tmp / "mmproj.gguf", params_yaml["convert_gguf"]["mmproj_outtype"], mmproj=True)
     # SmolVLM's chat template travels into the GGUF: what the server renders image parts with
     field = gguf.GGUFReader(tmp / "model.gguf").get_field("tokenizer.chat_template")
-    assert field is not None and field.contents() == vlm.SMOLVLM_CHAT_TEMPLATE
+    assert field is not None and field.contents() == hf_vlm.SMOLVLM_CHAT_TEMPLATE
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tmp / "model.gguf"),
                              "--clip_model_path", str(tmp / "mmproj.gguf"), "--chat_format", "mtmd",

@@ -1,4 +1,4 @@
-"""The review queue (src/label_queue.py, in the label stage): ranking on small in-process data, overrides by a
+"""The review queue (src/labeling/review_queue.py, in the label stage): ranking on small in-process data, overrides by a
 photo's name, the page and CSVs it writes, and (slow) the demo with 10 % of photos filed under a wrong class:
 the flips come first in the queue, an override by file name fixes one and reruns only what depends on it."""
 
@@ -16,14 +16,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from src import demo, label_queue, vlm
-from src.records import read_jsonl
+from src.data import demo
+
+from src.labeling import review_queue
+
+from src.model import hf_vlm
+from src.data.files import read_jsonl
 from src.stages.label import label_stage, match_overrides, read_overrides
 from tests.conftest import TINY, make_repo, params_for, run
 from tests.test_label import make_canvases
 
 LABELS = ("water", "land", "fire", "wood", "metal")
-Q = label_queue.QueueParams(folds=5, seed=0, C=0.1, batch_size=16)
+Q = review_queue.QueueParams(folds=5, seed=0, C=0.1, batch_size=16)
 # Measured on the demo below (200 photos, 20 flipped, the demo's builder base): top-20 precision = recall 0.95
 # (label.queue.C 0.1). A random order's expectation is the flip rate, 0.1.
 MIN_TOP_K = 0.8
@@ -55,7 +59,7 @@ def rows_for(given: np.ndarray, provider: str = "manifest") -> list[dict[str, An
 
 def test_the_flipped_labels_lead_the_queue_and_become_suspects_by_pair() -> None:
     x, given, flipped = clusters(30, 15)
-    queue, m = label_queue.rank(rows_for(given), x, LABELS, Q)
+    queue, m = review_queue.rank(rows_for(given), x, LABELS, Q)
     flips = {f"p{i:03d}.jpg" for i in flipped}
     assert top_k_hits([e["name"] for e in queue], flips) >= 0.9
     assert [e["rank"] for e in queue] == list(range(1, len(queue) + 1))
@@ -65,7 +69,7 @@ def test_the_flipped_labels_lead_the_queue_and_become_suspects_by_pair() -> None
     assert all(e["guess"] != e["label"] and f"{e['label']}->{e['guess']}" in m["suspects"] for e in suspects)
     assert m["folds"] == 5 and m["photos"] == 150
     # the review file: one row a suspect, the guess filled in, waiting for approval
-    review = label_queue.review_rows(queue)
+    review = review_queue.review_rows(queue)
     assert [r["name"] for r in review] == [e["name"] for e in suspects]
     assert all(r["approve"] == "" and r["element"] == e["guess"] for r, e in zip(review, suspects))
 
@@ -82,23 +86,23 @@ def test_an_overridden_photo_is_ranked_but_never_a_suspect() -> None:
     rows = rows_for(given)
     for i in flipped:
         rows[i]["provider"] = "override"  # a person said the label stands
-    queue, m = label_queue.rank(rows, x, LABELS, Q)
+    queue, m = review_queue.rank(rows, x, LABELS, Q)
     assert len(queue) == 150 and not any(e["suspect"] for e in queue if e["provider"] == "override")
 
 
 def test_few_photos_a_class_lower_the_folds_and_one_photo_is_one_line() -> None:
     x, given, _ = clusters(3, 0)
-    _, m = label_queue.rank(rows_for(given), x, LABELS, Q)
+    _, m = review_queue.rank(rows_for(given), x, LABELS, Q)
     assert m["folds"] == 3
     given[0], given[1] = 4, 4  # water keeps 1 photo
     with pytest.raises(ValueError, match=r"^class 'water' has 1 labelled photo"):
-        label_queue.rank(rows_for(given), x, LABELS, Q)
+        review_queue.rank(rows_for(given), x, LABELS, Q)
 
 
 def test_a_class_with_no_photo_gets_probability_zero() -> None:
     x, given, _ = clusters(10, 0)
     keep = given != 2  # no fire
-    queue, m = label_queue.rank(rows_for(given[keep]), x[keep], LABELS, Q)
+    queue, m = review_queue.rank(rows_for(given[keep]), x[keep], LABELS, Q)
     assert m["photos"] == 40 and all(e["guess"] != "fire" for e in queue)
 
 
@@ -128,26 +132,26 @@ def test_overrides_by_name_wait_for_approval_and_an_unknown_name_is_one_line(tmp
 def test_canvas_pixels_are_the_training_inputs_pixels(tiny_model: tuple[Any, Any]) -> None:
     from PIL import Image
 
-    from src.contract import Contract
+    from src.config.contract import Contract
     from tests.conftest import project_params
 
     _, processor = tiny_model
     c = Contract.from_dict(project_params()["contract"])
     img = Image.new("RGB", (c.canvas.size, c.canvas.size), (10, 200, 30))
-    px = vlm.canvas_pixels(processor, img)
-    t = vlm.training_example(processor, c.prompt, c.labels, c.target, img, "wood")
+    px = hf_vlm.canvas_pixels(processor, img)
+    t = hf_vlm.training_example(processor, c.prompt, c.labels, c.target, img, "wood")
     assert px["pixel_values"].equal(t["pixel_values"]) and px["pixel_attention_mask"].equal(t["pixel_attention_mask"])
 
 
 def test_the_stage_writes_the_queue_review_file_page_and_metrics(tmp_path: Path, tiny_model: tuple[Any, Any]) -> None:
     model, processor = tiny_model
-    vlm.save(model, processor, tmp_path / "base")
+    hf_vlm.save(model, processor, tmp_path / "base")
     make_canvases(tmp_path / "resize256", 20)
     p = copy.deepcopy(params_for("label"))
     m = label_stage(tmp_path / "resize256", tmp_path / "label", tmp_path / "label.json", tmp_path / "cache", None, p,
                     tmp_path / "base")
     queue = list(csv.DictReader((tmp_path / "label/queue.csv").open()))
-    assert tuple(queue[0]) == label_queue.QUEUE_COLUMNS and len(queue) == 20 == m["queue"]["photos"]
+    assert tuple(queue[0]) == review_queue.QUEUE_COLUMNS and len(queue) == 20 == m["queue"]["photos"]
     assert [int(r["rank"]) for r in queue] == list(range(1, 21)) and m["queue"]["folds"] == 4  # 4 photos a class
     review = list(csv.DictReader((tmp_path / "label/review.csv").open()))
     assert len(review) == m["queue"]["n_suspects"] and (tmp_path / "label/review.csv").read_text().startswith(
@@ -161,7 +165,7 @@ def test_the_stage_writes_the_queue_review_file_page_and_metrics(tmp_path: Path,
     assert len(list((tmp_path / "cache/features").glob("*.npz"))) == 1
     shutil.rmtree(tmp_path / "base")
     (tmp_path / "base").mkdir()
-    vlm.save(model, processor, tmp_path / "base")  # the same weights: the same cache file
+    hf_vlm.save(model, processor, tmp_path / "base")  # the same weights: the same cache file
     m2 = label_stage(tmp_path / "resize256", tmp_path / "label", tmp_path / "label.json", tmp_path / "cache", None,
                      p, tmp_path / "base")
     assert m2["queue"] == m["queue"] and len(list((tmp_path / "cache/features").glob("*.npz"))) == 1
@@ -170,7 +174,7 @@ def test_the_stage_writes_the_queue_review_file_page_and_metrics(tmp_path: Path,
 def test_too_few_photos_to_hold_out_is_no_queue_said_in_one_line_and_the_labels_stand(
         tmp_path: Path, tiny_model: tuple[Any, Any], capsys: pytest.CaptureFixture[str]) -> None:
     model, processor = tiny_model
-    vlm.save(model, processor, tmp_path / "base")
+    hf_vlm.save(model, processor, tmp_path / "base")
     make_canvases(tmp_path / "resize256", 6)
     p = copy.deepcopy(params_for("label"))
     records = tmp_path / "resize256/records.jsonl"
@@ -254,7 +258,7 @@ def test_an_override_by_file_name_relabels_the_photo_and_reruns_only_label_and_a
     review = {r["name"]: r for r in csv.DictReader((repo / "data/label/review.csv").open())}
     row = {**review[top["name"]], "approve": "y"}
     buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=label_queue.REVIEW_COLUMNS, lineterminator="\n").writerows([row])
+    csv.DictWriter(buf, fieldnames=review_queue.REVIEW_COLUMNS, lineterminator="\n").writerows([row])
     (repo / "data/label_overrides.csv").write_text("name,element,note,approve\n" + buf.getvalue())
     status = json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}")
     assert set(status) == {"label"}

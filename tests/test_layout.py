@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src import deps
-from src.params import ROOT, declared_keys, stage_params
-from src.schema import ParamsError, validate
+from src.tools import deps
+from src.config.paths import ROOT
+from src.config.params import declared_keys, stage_params
+from src.config.schema import ParamsError, validate
 from tests.conftest import copy_project, project_params, set_param, stale_after
 
 
@@ -41,7 +42,7 @@ def test_a_stage_importing_a_stage_is_caught(tmp_path: Path) -> None:
     """The rule above can fail: a copy of src/ where split imports download."""
     shutil.copytree(ROOT / "src", tmp_path / "src")
     split = tmp_path / deps.STAGES / "split.py"
-    split.write_text(split.read_text().replace("from src.params import", "from src.stages.download import run\nfrom src.params import"))
+    split.write_text(split.read_text().replace("from src.config.params import", "from src.stages.download import run\nfrom src.config.params import"))
     assert deps.stage_imports_stage(tmp_path) == ["src/stages/split.py imports src/stages/download.py"]
 
 
@@ -50,39 +51,49 @@ def test_dvc_yaml_lists_exactly_the_code_each_stage_imports() -> None:
 
 
 def test_a_missing_transitive_import_is_caught(tmp_path: Path) -> None:
-    """src/vlm.py imports src/geometry.py: finetune must list it, though finetune never names geometry."""
-    assert "src/geometry.py" in deps.code_deps("finetune")
-    text = (ROOT / "dvc.yaml").read_text().replace("      - src/geometry.py\n", "", 1)
+    """src/model/hf_vlm.py imports src/model/geometry.py: finetune must list it, though finetune never names geometry."""
+    assert "src/model/geometry.py" in deps.code_deps("finetune")
+    text = (ROOT / "dvc.yaml").read_text().replace("      - src/model/geometry.py\n", "", 1)
     (tmp_path / "dvc.yaml").write_text(text)
     missing = {stage: m for stage, (m, _) in deps.diff(tmp_path / "dvc.yaml").items()}
-    assert "src/geometry.py" in next(iter(missing.values()))
+    assert "src/model/geometry.py" in next(iter(missing.values()))
 
 
 def test_a_stale_dep_is_caught(tmp_path: Path) -> None:
     """A code dep that no import reaches (left behind when an import went) reruns the stage for nothing."""
-    assert "src/llama_runtime.py" not in deps.code_deps("split")
+    assert "src/runtime/llama_vlm.py" not in deps.code_deps("split")
     split = "python -m src.stages.split ${paths.label} ${paths.split}\n    deps:\n"
     text = (ROOT / "dvc.yaml").read_text()
     assert split in text
-    (tmp_path / "dvc.yaml").write_text(text.replace(split, split + "      - src/llama_runtime.py\n"))
-    assert deps.diff(tmp_path / "dvc.yaml") == {"split": ([], ["src/llama_runtime.py"])}
+    (tmp_path / "dvc.yaml").write_text(text.replace(split, split + "      - src/runtime/llama_vlm.py\n"))
+    assert deps.diff(tmp_path / "dvc.yaml") == {"split": ([], ["src/runtime/llama_vlm.py"])}
 
 
 def test_relative_imports_are_followed(tmp_path: Path) -> None:
     """`from .. import x` and `from .x import y` import src files as surely as `from src import x` does."""
     shutil.copytree(ROOT / "src", tmp_path / "src")
     split = tmp_path / deps.STAGES / "split.py"
-    split.write_text(split.read_text().replace("from src.params import", "from .. import geometry\nfrom src.params import"))
-    (tmp_path / "src" / "geometry.py").write_text("from .teacher.request import x\n")
+    split.write_text(split.read_text().replace("from src.config.params import", "from ..model import geometry\nfrom src.config.params import"))
+    (tmp_path / "src" / "model" / "geometry.py").write_text("from ..labeling.teacher.request import x\n")
     found = set(deps.code_deps("split", tmp_path))
-    assert {"src/geometry.py", "src/teacher/__init__.py", "src/teacher/request.py"} <= found
-    assert "src/geometry.py" not in deps.code_deps("split")  # the real split imports neither
+    assert {"src/model/geometry.py", "src/labeling/teacher/__init__.py", "src/labeling/teacher/request.py"} <= found
+    assert "src/model/geometry.py" not in deps.code_deps("split")  # the real split imports neither
 
 
 def test_write_restores_what_a_hand_edit_dropped(tmp_path: Path) -> None:
     text = (ROOT / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/geometry.py\n", ""))
+    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/model/geometry.py\n", ""))
     assert deps.write(tmp_path / "dvc.yaml") != []
+    assert (tmp_path / "dvc.yaml").read_text() == text
+
+
+def test_write_keeps_the_comments_among_the_deps(tmp_path: Path) -> None:
+    """A comment under the last code dep explains the data deps below it: a rewrite keeps it there."""
+    text = (ROOT / "dvc.yaml").read_text()
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("# ") and line.startswith("      ")]
+    assert comments, "dvc.yaml has comments among its deps"
+    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/config/paths.py\n", ""))
+    assert len(deps.write(tmp_path / "dvc.yaml")) == len(stages())  # every stage imports paths
     assert (tmp_path / "dvc.yaml").read_text() == text
 
 
@@ -202,20 +213,20 @@ def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_
     assert sum(" -S " in c for c in commands) >= 3 and any(c.startswith("make ") for c in commands)  # it reads them
     assert readme_problems(text, tmp_path) == []
     # the same check on a README with one mistake of each kind
-    broken = ("```bash\nmake tests\nmake review BASES=main\npython -m src.review main --outt r\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
-              "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.reading a.jpg --bundel b\n"
-              "python -m src.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
+    broken = ("```bash\nmake tests\nmake review BASES=main\npython -m src.tools.review main --outt r\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
+              "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.client.fortune a.jpg --bundel b\n"
+              "python -m src.tools.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
     assert [p.split(": ", 1)[1] for p in readme_problems(broken, tmp_path)] == [
         "no make target 'tests'",
         "the Makefile reads no variable 'BASES'",
-        "src.review has no option --outt",
+        "src.tools.review has no option --outt",
         "-S finetune.epoch: no stage declares it",
         "params.yaml: finetune.epochs = 0: should be greater than or equal to 1; expected >= 1",
         "params.yaml: contract.vision.longest_edge = 128: below 2 x tile (512): transformers and llama.cpp would "
         "lay the image out differently; expected at least 512",
         "no stage 'finetun'",
-        "src.reading has no option --bundel",
-        "src.remotes has no command 'chek'",
+        "src.client.fortune has no option --bundel",
+        "src.tools.remotes has no command 'chek'",
         "models/relase is no path of dvc.yaml",
         "no artifact 'element-clasifier'",
     ]

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 
-from src import demo
-from src.records import read_jsonl, sha256, write_jsonl
+from src.data import demo
+from src.data.files import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256, split
 from src.stages.eval_parity import Row, images_csv
-from src.contract import Contract
+from src.config.contract import Contract
 from tests.conftest import project_params
 
 CONTRACT = Contract.from_dict(project_params()["contract"])

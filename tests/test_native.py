@@ -1,4 +1,4 @@
-"""A native crash in a stage is one line naming the stage, runtime, item and signal (src/native.py).
+"""A native crash in a stage is one line naming the stage, runtime, item and signal (src/runtime/supervise.py).
 
 The crashes are real: a NULL read through ctypes in a supervised function, and a SIGSEGV delivered
 to the real eval_parity stage while llama.cpp works on a photo.
@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src import native
-from src.records import read_jsonl
+from src.runtime import supervise
+from src.data.files import read_jsonl
 from tests.conftest import BIN, ROOT
 from tests.http_server import wait_for
 
 SCRIPT = """
 import ctypes, sys, time
-from src.native import at, supervise
+from src.runtime.supervise import at, supervise
 
 def main():
     at("llama.cpp Q8_0", "photo 'beach.jpg'")
@@ -112,10 +112,10 @@ def test_a_signal_at_any_instant_leaves_the_whole_last_note(tmp_path: Path) -> N
         progress.unlink(missing_ok=True)
         pid = os.fork()
         if pid == 0:
-            native._progress = progress
+            supervise._progress = progress
             i = 0
             while True:
-                native.at("llama.cpp Q8_0", f"photo 'p{i}.jpg'")
+                supervise.at("llama.cpp Q8_0", f"photo 'p{i}.jpg'")
                 i += 1
         wait_for(progress.exists, timeout_s=10, every_s=0.0005)
         time.sleep(rng.uniform(0.0, 0.005))

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from src.params import declared as declared_params
-from src.params import declared_keys, select, stage_params
-from src.schema import COMMANDS, ParamsError, validate
+from src.config.params import declared as declared_params
+from src.config.params import declared_keys, select, stage_params
+from src.config.schema import COMMANDS, ParamsError, validate
 from tests.conftest import PARAMS_FILE, ROOT, copy_project, project_params, set_param
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -205,7 +205,7 @@ def test_empty_default_folder_is_one_line_naming_the_param(tmp_path: Path) -> No
 
 
 def test_build_flags_are_checked_against_the_venvs_record_and_arm64_flags_are_not_a_distribution() -> None:
-    from src.params import runtime_mismatches
+    from src.config.params import runtime_mismatches
 
     built = (Path(sys.prefix) / "llama_cpp_cmake").read_text().strip()  # make setup records it
     assert runtime_mismatches({"llama_cpp_cmake": built, "llama_cpp_arm64": {"dotprod": "armv8.2-a+dotprod"}}) == []

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from src.gates import MEMORISED_GAP
+from src.quality.gates import MEMORISED_GAP
 from tests.conftest import TINY, edit_yaml, make_repo, project_params, run
 
 pytestmark = pytest.mark.slow

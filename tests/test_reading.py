@@ -20,11 +20,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.canvas import decode, to_canvas
-from src.contract import Contract
-from src.reading import GENERATES, OVERCOMES, MEANING, ReadingError, canvases, default_bundle, links, load_bundle, \
+from src.data.canvas import decode, to_canvas
+from src.config.contract import Contract
+from src.client.fortune import GENERATES, OVERCOMES, MEANING, ReadingError, canvases, default_bundle, links, load_bundle, \
     reading_text, relation
-from src.artifacts import BUNDLE
+from src.config.artifacts import BUNDLE
 from tests.conftest import ROOT, project_params
 
 CONTRACT = Contract.from_dict(project_params()["contract"])
@@ -50,7 +50,7 @@ def stub_bundle(dest: Path, contract: Contract = CONTRACT) -> Path:
 
 def reading_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "src.reading", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "src.client.fortune", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def smolvlm_read() -> Path:
@@ -96,7 +96,7 @@ def test_reading_links_consecutive_photos() -> None:
 
 
 def test_canvas_follows_contract_json_not_params(tmp_path: Path) -> None:
-    """The client draws with the bundle's CanvasSpec, exactly as src/canvas.py does for training."""
+    """The client draws with the bundle's CanvasSpec, exactly as src/data/canvas.py does for training."""
     spec = replace(CONTRACT.canvas, size=96, resample="lanczos")
     contract, _, _ = load_bundle(stub_bundle(tmp_path / "b", replace(CONTRACT, canvas=spec)))
     p = photo(tmp_path / "a.jpg")

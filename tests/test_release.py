@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.contract import Contract
-from src.grammar import gbnf
-from src.artifacts import BUNDLE, PLOTS
-from src.plots import INVALID, per_class_accuracy
-from src.records import write_jsonl
+from src.config.contract import Contract
+from src.runtime.grammar import gbnf
+from src.config.artifacts import BUNDLE, PLOTS
+from src.quality.plots import INVALID, per_class_accuracy
+from src.data.files import write_jsonl
 from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, grid_rows, model_card
 from tests.conftest import ROOT, project_params, run
 

@@ -10,7 +10,7 @@ The repository is a small git + DVC repo whose one cheap stage writes `models/re
 project's artifact (dvc.yaml `artifacts:` copied from the real one): the remote mechanics, not the model.
 
 Broken remotes: each gets DVC's own message (printed, for the record) and one line from
-`python -m src.remotes check` naming the remote, its URL and the cause.
+`python -m src.tools.remotes check` naming the remote, its URL and the cause.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import BIN, ROOT
-from src.remotes import redact
+from src.tools.remotes import redact
 from tests.remote_servers import SSHServer, S3Server, closed_port, keygen, sshd_missing, start_s3, start_sshd, stop
 
 NAME = "element-classifier"
@@ -264,7 +264,7 @@ def broken(template: Path, tmp: Path, sh: Shell, remote: dict[str, str], **env: 
     (repo / ".dvc" / "config.local").write_text("['remote \"bad\"']\n" + "".join(f"    {k} = {v}\n" for k, v in remote.items()))
     push = sh(["dvc", "push", "-r", "bad"], repo, check=False, **env)
     dvc_says = (push.stderr.strip().splitlines() or [f"(exit {push.returncode}) {push.stdout.strip()}"])[0]
-    check = sh(["python", "-m", "src.remotes", "check", "bad"], repo, check=False, **env)
+    check = sh(["python", "-m", "src.tools.remotes", "check", "bad"], repo, check=False, **env)
     print(f"\n  dvc push:  {dvc_says}\n  check:     {check.stderr.strip() or check.stdout.strip()}")
     if check.returncode != 0:
         assert check.stdout == "" and len(check.stderr.strip().splitlines()) == 1, check.stderr
@@ -308,7 +308,7 @@ def test_s3_check_says_ok_for_a_good_remote(s3: S3Server, template: Path, tmp_pa
     shutil.copytree(template, repo, symlinks=True)
     sh(["dvc", "remote", "add", "-d", "good", f"s3://{BUCKET}/ok-check"], repo)
     sh(["dvc", "remote", "modify", "good", "endpointurl", s3.endpoint], repo)
-    out = sh(["python", "-m", "src.remotes", "check"], repo, **env).stdout
+    out = sh(["python", "-m", "src.tools.remotes", "check"], repo, **env).stdout
     assert out == f"remote good (s3://{BUCKET}/ok-check, endpoint {s3.endpoint}): ok, bucket {BUCKET} reachable, " \
                   "credentials accepted, nothing yet under ok-check\n"
 
@@ -349,7 +349,7 @@ def test_ssh_host_key_mismatch(sshd: SSHServer, template: Path, tmp_path: Path) 
     impostor = keygen(tmp_path / "impostor")
     line, codes, url = host_key_case(sshd, template, tmp_path, sshd.known_hosts_line(impostor))
     # DVC's SSH driver checks no host key (sshfs connects with known_hosts=None): the push goes through.
-    # This is why `src.remotes check` exists; if a DVC upgrade starts refusing, update the README.
+    # This is why `src.tools.remotes check` exists; if a DVC upgrade starts refusing, update the README.
     assert codes == 0 * 1000 + 1
     assert line.startswith(f"remote bad ({url}): host key mismatch: {sshd.host}:{sshd.port} presents SHA256:")
     assert "but ~/.ssh/known_hosts records SHA256:" in line
@@ -370,7 +370,7 @@ def test_ssh_check_says_ok_for_a_good_remote(sshd: SSHServer, template: Path, tm
     shutil.copytree(template, repo, symlinks=True)
     url = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{tmp_path}/new-store"
     sh(["dvc", "remote", "add", "good", url], repo)
-    out = sh(["python", "-m", "src.remotes", "check", "good"], repo).stdout
+    out = sh(["python", "-m", "src.tools.remotes", "check", "good"], repo).stdout
     assert out == (f"remote good ({url}): ok, host key matches ~/.ssh/known_hosts, login accepted, "
                    f"{tmp_path}/new-store not there yet (the first push makes it)\n")
 

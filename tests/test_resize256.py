@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 
 from src.stages import download, resize256
-from src.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
-from src.contract import CanvasSpec, Contract
-from src.records import read_jsonl, sha256
-from src.sources import folder_items
+from src.data.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
+from src.config.contract import CanvasSpec, Contract
+from src.data.files import read_jsonl, sha256
+from src.data.sources import folder_items
 from tests.conftest import kill_midway
 from tests.test_download import png_header_only, tree
 

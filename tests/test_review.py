@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.review import MARKER
-from src.review.__main__ import main as review
-from src.review import compare
-from src.review.compare import differs, flatten
-from src.review.forge import main as post
-from src.schema import ParamsError, validate
+from src.tools.review import MARKER
+from src.tools.review.__main__ import main as review
+from src.tools.review import compare
+from src.tools.review.compare import differs, flatten
+from src.tools.review.forge import main as post
+from src.config.schema import ParamsError, validate
 from tests.conftest import ROOT, edit_yaml, project_params, run, set_param
 from tests.forge_server import FakeForge
 
@@ -326,7 +326,7 @@ def test_the_ci_files_pass_their_schema_and_a_broken_one_does_not(path: str, bro
 @pytest.mark.parametrize("path", [".github/workflows/review.yml", "ci/review.gitlab-ci.yml"])
 def test_the_ci_files_post_once_and_take_secrets_from_ci_variables(path: str) -> None:
     text = (ROOT / path).read_text()
-    assert "python -m src.review " in text and "python -m src.review.forge" in text and "--ci" in text
+    assert "python -m src.tools.review " in text and "python -m src.tools.review.forge" in text and "--ci" in text
     token = "GITHUB_TOKEN" if "github" in path else "GITLAB_TOKEN"
     assert token in text
     # no literal credential: every secret-looking variable is taken from the CI's secrets or variables
@@ -349,7 +349,7 @@ def changed_answers(repo: Path, a: str, b: str) -> dict[str, tuple[str, str, str
 
 
 def review_in(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "src.review", *args], repo, check=False)
+    return run([sys.executable, "-m", "src.tools.review", *args], repo, check=False)
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import llama_cpp
 import pytest
 import yaml
 
-from src.params import LLAMA_CPP_CMAKE, installed, stage_params
-from src.torch_pin import PIN
+from src.config.params import LLAMA_CPP_CMAKE, installed, stage_params
+from src.model.torch_pin import PIN
 from tests.conftest import ROOT, copy_project, run, stale_after
 
 PINNED = yaml.safe_load((ROOT / "runtime.yaml").read_text())[LLAMA_CPP_CMAKE]
@@ -62,7 +62,7 @@ def test_eval_parity_gives_the_same_bytes_on_one_thread_and_on_two(tiny_repo: Pa
 
 @pytest.mark.parametrize("stage", ["finetune", "eval_parity"])
 def test_the_stages_whose_bits_are_compared_run_torch_on_pinned_avx2_kernels(stage: str) -> None:
-    """ATen, oneDNN and MKL pick kernels per CPU; these stages pin them before torch loads (src/torch_pin.py)."""
+    """ATen, oneDNN and MKL pick kernels per CPU; these stages pin them before torch loads (src/model/torch_pin.py)."""
     code = (f"import os, src.stages.{stage}, torch; "
             f"print(torch.backends.cpu.get_cpu_capability(), *(os.environ.get(k) for k in {sorted(PIN)!r}))")
     res = run([sys.executable, "-c", code], ROOT, env={k: "" for k in PIN})  # whatever the caller had set

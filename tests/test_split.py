@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from src.records import read_jsonl, write_jsonl
+from src.data.files import read_jsonl, write_jsonl
 from src.stages.split import PARTS, split, split_stage
 
 LABELS = ("water", "land", "fire", "wood", "metal")

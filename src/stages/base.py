@@ -20,12 +20,12 @@ import json
 import shutil
 from pathlib import Path
 
-from src import vlm
-from src.bases import fitted
-from src.contract import TargetSpec, VisionSpec
-from src.native import at, supervise
-from src.params import stage_params
-from src.records import write_json
+from src.model import hf_vlm
+from src.model.bases import fitted
+from src.config.contract import TargetSpec, VisionSpec
+from src.runtime.supervise import at, supervise
+from src.config.params import stage_params
+from src.data.files import write_json
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     # Written beside the output and renamed over it: a killed run never leaves a half-saved base.
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    vlm.save(model, processor, tmp)
+    hf_vlm.save(model, processor, tmp)
     write_json(tmp / "base.json", {**info, "parameters": sum(q.numel() for q in model.parameters())})
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)

@@ -1,6 +1,6 @@
 """download: fetch the source photos, as they are, into a content-addressed store.
 
-Inputs:  the source named in params (src/sources.py: demo, a CSV/JSONL URL manifest, a
+Inputs:  the source named in params (src/data/sources.py: demo, a CSV/JSONL URL manifest, a
          local folder, a Hugging Face dataset); the embedded demo needs no network.
 Outputs: OUT/images/<sha256>.<ext> (each distinct content once) and OUT/manifest.jsonl, one
          record per item in source order: id, url, name, status ("ok"|"failed"), error, error_kind,
@@ -50,12 +50,12 @@ import urllib3
 from PIL import Image
 from tqdm import tqdm
 
-from src.contract import labels_of
-from src.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
-from src.params import stage_params
-from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
-from src.report import name_refused
-from src.sources import Item, SourceError, items_from_params
+from src.config.contract import labels_of
+from src.data.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
+from src.config.params import stage_params
+from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.data.refused import name_refused
+from src.data.sources import Item, SourceError, items_from_params
 
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5

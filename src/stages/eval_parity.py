@@ -21,7 +21,7 @@ The ladder, each rung a key of the metrics:
            counts photos where Q8_0 answers no label but transformers does: the same invalid answer
            on every runtime is the model's quality (release's gate), not parity.
   arm64    the Q8_0 GGUF + mmproj on the phone's instruction set: llama.cpp cross-built for each
-           variant of runtime.yaml `llama_cpp_arm64` (src/arm64.py) and run under qemu on
+           variant of runtime.yaml `llama_cpp_arm64` (src/runtime/arm64.py) and run under qemu on
            `eval_parity.arm64.sample` test photos (classes in turn): agreement with transformers and
            with x86 Q8_0, invalid rate, first-token KL against transformers over the labels. Emulation
            is slow: the seconds per photo are printed, never written (no clocks in outputs).
@@ -32,7 +32,7 @@ the photos by the names the user knows.
 
 from __future__ import annotations
 
-from src import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
+from src.model import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
 
 import argparse
 import csv
@@ -47,16 +47,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from src import arm64, vlm
-from src.canvas import android_canvas, canvas_png, decode, to_canvas
-from src.contract import Contract
-from src.artifacts import text_gguf, the_mmproj
-from src.answers import kl, label_probs, parse_answer
-from src.gates import RUNTIME, class_coverage_gate, gates
-from src.llama_runtime import LlamaVLM, expand
-from src.native import at, supervise
-from src.params import stage_params
-from src.records import read_jsonl, write_json, write_text_atomic
+from src.runtime import arm64
+
+from src.model import hf_vlm
+from src.data.canvas import android_canvas, canvas_png, decode, to_canvas
+from src.config.contract import Contract
+from src.config.artifacts import text_gguf, mmproj_of
+from src.model.answer import kl, label_probs, parse_answer
+from src.quality.gates import RUNTIME, class_coverage_gate, gates
+from src.runtime.llama_vlm import LlamaVLM, expand
+from src.runtime.supervise import at, supervise
+from src.config.params import stage_params
+from src.data.files import read_jsonl, write_json, write_text_atomic
 
 
 class ParityError(SystemExit):
@@ -158,10 +160,10 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
 
     `arm64_run` adds the arm64 rung (metrics key `arm64`) on its sample of `rows`, with the same prompt.
     """
-    model, processor = vlm.load(str(model_dir))
+    model, processor = hf_vlm.load(str(model_dir))
     tok = processor.tokenizer
-    image_token_id = tok.convert_tokens_to_ids(vlm.HF_IMAGE_TOKEN)
-    label_ids = vlm.label_token_ids(tok, contract.labels, contract.target)
+    image_token_id = tok.convert_tokens_to_ids(hf_vlm.HF_IMAGE_TOKEN)
+    label_ids = hf_vlm.label_token_ids(tok, contract.labels, contract.target)
     gen = contract.generation
     out: list[Row] = []
     offenders: dict[str, list[str]] = {"layout": [], "f16": [], "q8_0": [], "invalid_q8_0": [], "flips": [],
@@ -195,7 +197,7 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
                 at(RUNTIME["q8_0"], f"{photo} (Android canvas)")
                 a_ans = vq8.generate(prompt, android, gen)
                 row.answers["q8_0_android"] = parse_answer(a_ans.text, a_ans.stopped, contract)
-            inputs = vlm.prompt_inputs(processor, contract.prompt, contract.labels, canvas)
+            inputs = hf_vlm.prompt_inputs(processor, contract.prompt, contract.labels, canvas)
             hf_ids = inputs["input_ids"][0].tolist()
             at(RUNTIME["f16"], f"{photo} (layout)")
             layout = vf16.layout(prompt, canvas)
@@ -203,8 +205,8 @@ def ladder(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photo
             if expand(layout, image_token_id) != hf_ids:
                 offenders["layout"].append(row.name)
             at(RUNTIME["hf"], photo)
-            hf_logits = vlm.first_logits(model, inputs).numpy()
-            text, _, stopped = vlm.generate(model, processor, inputs, gen, stop_ids=stop_ids)
+            hf_logits = hf_vlm.first_logits(model, inputs).numpy()
+            text, _, stopped = hf_vlm.generate(model, processor, inputs, gen, stop_ids=stop_ids)
             row.raw["hf"], row.answers["hf"] = text, parse_answer(text, stopped, contract)
             row.probs["hf"] = label_probs(hf_logits, label_ids).tolist()
             for side, v in (("f16", vf16), ("q8_0", vq8)):
@@ -295,7 +297,7 @@ def main() -> None:
         raise SystemExit(f"eval_parity: {refusal} ({args.split / 'test.jsonl'})")
     records = {r["id"]: r for r in read_jsonl(args.download / "manifest.jsonl") if r["status"] == "ok"}
     photos = {r["id"]: (args.download / records[r["id"]]["path"]).read_bytes() for r in rows if r["id"] in records}
-    mm = the_mmproj(args.convert_gguf)
+    mm = mmproj_of(args.convert_gguf)
     marches = p["runtime"].get(arm64.KEY, {})
     unknown = [v for v in g["arm64"]["variants"] if v not in marches]
     if unknown:

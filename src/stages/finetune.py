@@ -14,7 +14,7 @@ Params:  finetune.* and contract.prompt.*, contract.labels, contract.target.*, c
 Command: python -m src.stages.finetune models/base data/split data/resize256 models/finetune metrics/finetune.json \
              metrics/finetune_live .cache/finetune_ckpt
          torchrun --nproc_per_node N -m src.stages.finetune ...   (or `accelerate launch`: the same script
-             on N processes; each takes its share of every batch, see src/training.py)
+             on N processes; each takes its share of every batch, see src/model/training.py)
 
 LoRA adapts the language model; the modules in finetune.train_full train fully:
 the connector, and the final norm, which lets a small model's answers become
@@ -24,7 +24,7 @@ canvas, so it is computed once and reused every epoch (finetune.feature_cache).
 
 from __future__ import annotations
 
-from src import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
+from src.model import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
 
 import argparse
 import shutil
@@ -37,12 +37,12 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-from src import vlm
-from src.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
-from src.native import at, supervise
-from src.params import stage_params
-from src.records import read_jsonl, sha256_file, write_json
-from src.training import Example, NullLive, Procs, better, evaluate, fingerprint, load_checkpoint, \
+from src.model import hf_vlm
+from src.config.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
+from src.runtime.supervise import at, supervise
+from src.config.params import stage_params
+from src.data.files import read_jsonl, sha256_file, write_json
+from src.model.training import Example, NullLive, Procs, better, evaluate, fingerprint, load_checkpoint, \
     load_examples, lora, save_checkpoint, start_processes, stop_processes, train_epoch, trainable
 
 LOGGED = ("train_loss", "val_loss", "val_acc")
@@ -69,7 +69,7 @@ class Run:
 def fill_feature_cache(model: Any, examples: list[Example], device: torch.device) -> None:
     with torch.no_grad():
         for e in tqdm(examples, desc="feature cache"):
-            e.hidden = vlm.vision_hidden(model, e.tensors["pixel_values"][None].to(device),
+            e.hidden = hf_vlm.vision_hidden(model, e.tensors["pixel_values"][None].to(device),
                                          e.tensors["pixel_attention_mask"][None].to(device))[0]
 
 
@@ -78,10 +78,10 @@ def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     ft, c = p["finetune"], p["contract"]
     prompt, labels, target, vision = PromptSpec(**c["prompt"]), labels_of(c), TargetSpec(**c["target"]), VisionSpec(**c["vision"])
     torch.manual_seed(ft["seed"])
-    model, processor = vlm.load(str(args.base))
-    vlm.configure(model, processor, vision, target)  # a no-op on a base stage output; refuses a stale one
+    model, processor = hf_vlm.load(str(args.base))
+    hf_vlm.configure(model, processor, vision, target)  # a no-op on a base stage output; refuses a stale one
     model.to(procs.device)
-    label_ids = vlm.label_token_ids(processor.tokenizer, labels, target)
+    label_ids = hf_vlm.label_token_ids(processor.tokenizer, labels, target)
     train_rows, val_rows = read_jsonl(args.split / "train.jsonl"), read_jsonl(args.split / "val.jsonl")
     train = load_examples(train_rows, args.canvases, processor, prompt, labels, target, "train")
     val = load_examples(val_rows, args.canvases, processor, prompt, labels, target, "val")
@@ -163,7 +163,7 @@ def save(run: Run, labels: tuple[str, ...], batch_size: int, out: Path, metrics:
     record = fit_record(run, labels, batch_size)
     merged = run.peft_model.merge_and_unload().to("cpu")
     shutil.rmtree(out, ignore_errors=True)
-    vlm.save(merged, run.processor, out)
+    hf_vlm.save(merged, run.processor, out)
     s = run.state
     write_json(metrics, {"val_acc": s["best"]["val_acc"], "val_loss": s["best"]["val_loss"],
                          "best_epoch": s["best"]["epoch"], "epochs": s["epoch"],

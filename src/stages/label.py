@@ -4,12 +4,12 @@ Inputs:  RESIZE256/records.jsonl (and its canvases), OVERRIDES (a tracked CSV of
          BASE (the base model: its frozen vision tower gives the review queue's features).
 Outputs: OUT/labels.jsonl, one record per canvas: id, name, canvas, canvas_sha256, element,
          status (ok|failed), error, provider (manifest|teacher|override), reason;
-         OUT/queue.csv, every labelled canvas ranked most-suspect first (src/label_queue.py);
+         OUT/queue.csv, every labelled canvas ranked most-suspect first (src/labeling/review_queue.py);
          OUT/review.csv, the suspects as overrides rows (guess filled in, `approve` empty) to copy over;
          OUT/audit.html, the canvases in queue order with reasons and guesses, filterable, for review;
          METRICS: counts, label distribution, requests, cache hits, tokens, estimated cost, overrides
          applied and pending, the queue's suspects by pair (`label->guess`).
-         Provider `teacher` also appends to CACHE (src/label_cache.py), which outlives OUT, and so do
+         Provider `teacher` also appends to CACHE (src/labeling/answer_cache.py), which outlives OUT, and so do
          the queue's features (CACHE/features/).
 Params:  label.provider, label.max_failure_rate, label.concurrency, label.max_attempts,
          label.answer_attempts, label.backoff_s, label.teacher.*, label.batch.*, label.price.*,
@@ -21,11 +21,11 @@ Provider `manifest` (the default: no key, no network) takes the label the source
 supplied and checks it against the contract's labels. Provider `teacher` asks a VLM
 over an OpenAI-compatible API (label.teacher.base_url, .model; the key only from the
 environment variable named by label.teacher.api_key_env), online or via the Batch API
-(src/teacher/). label.teacher.response_format and .max_tokens_field fit the request to
+(src/labeling/teacher/). label.teacher.response_format and .max_tokens_field fit the request to
 the server (OpenAI, vLLM, llama.cpp: README "Teacher servers"); a server that refuses
 one of them stops the stage with one line naming the field. In the bounded forms
 (json_object, json_schema_bounded) the schema bounds the reason to fit
-label.teacher.max_tokens (src/teacher/request.py).
+label.teacher.max_tokens (src/labeling/teacher/request.py).
 
 Overrides win over either provider. Each CSV row is `name,element,note[,approve]` (name: the photo as
 the user knows it, or a canvas sha256 or a source id) or the older `key,element,note` (sha256 or id);
@@ -36,7 +36,7 @@ stage, after every output is written so the failures can be reviewed.
 
 from __future__ import annotations
 
-from src import torch_pin  # noqa: F401  (first: the queue's features run torch, pinned as finetune's)
+from src.model import torch_pin  # noqa: F401  (first: the queue's features run torch, pinned as finetune's)
 
 import argparse
 import csv
@@ -47,15 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src import label_queue
-from src.audit import audit_html
-from src.contract import labels_of
-from src.label_cache import AnswerCache
-from src.params import stage_params
-from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
-from src.report import name_refused
-from src.teacher.client import teach
-from src.teacher.request import (
+from src.labeling import review_queue
+from src.labeling.audit_page import audit_html
+from src.config.contract import labels_of
+from src.labeling.answer_cache import AnswerCache
+from src.config.params import stage_params
+from src.data.files import read_jsonl, write_json, write_jsonl, write_text_atomic
+from src.data.refused import name_refused
+from src.labeling.teacher.client import teach
+from src.labeling.teacher.request import (
     BOUNDED_FORMS,
     BatchPending,
     Item,
@@ -193,22 +193,22 @@ def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def review_queue(labelled: list[dict[str, Any]], resize256: Path, base: Path, cache_dir: Path,
+def rank_for_review(labelled: list[dict[str, Any]], resize256: Path, base: Path, cache_dir: Path,
                  p: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
-    """The labelled canvases ranked most-suspect first (src/label_queue.py) and the queue's metrics.
+    """The labelled canvases ranked most-suspect first (src/labeling/review_queue.py) and the queue's metrics.
 
     Too few photos to hold any out (one class, a class of one photo) is no queue, said on the console and in
     the metrics: the queue advises, so the labels still stand (split judges whether they are enough)."""
     labels = labels_of(p["contract"])
-    q = label_queue.QueueParams(**p["label"]["queue"])
+    q = review_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
-    why = label_queue.cannot_hold_out([r["element"] for r in ok], labels)
+    why = review_queue.cannot_hold_out([r["element"] for r in ok], labels)
     if why:  # before the encoder pass: it would be spent for nothing
         print(f"label: no review queue: {why}", file=sys.stderr)
         return None, {"photos": len(ok), "skipped": why}
-    x = label_queue.features(base, [resize256 / r["canvas"] for r in ok], [r["canvas_sha256"] for r in ok],
+    x = review_queue.features(base, [resize256 / r["canvas"] for r in ok], [r["canvas_sha256"] for r in ok],
                              cache_dir, q.batch_size)
-    return label_queue.rank(ok, x, labels, q)
+    return review_queue.rank(ok, x, labels, q)
 
 
 def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
@@ -241,10 +241,10 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
             raise SystemExit(f"label: {e}") from None
     labelled, applied = apply_overrides(labelled, matched)
     write_jsonl(out / "labels.jsonl", labelled)
-    queue, qm = review_queue(labelled, resize256, base, cache_dir, p) if base is not None else (None, None)
+    queue, qm = rank_for_review(labelled, resize256, base, cache_dir, p) if base is not None else (None, None)
     if queue is not None:
-        write_text_atomic(out / "queue.csv", csv_text(queue, label_queue.QUEUE_COLUMNS))
-        write_text_atomic(out / "review.csv", csv_text(label_queue.review_rows(queue), label_queue.REVIEW_COLUMNS))
+        write_text_atomic(out / "queue.csv", csv_text(queue, review_queue.QUEUE_COLUMNS))
+        write_text_atomic(out / "review.csv", csv_text(review_queue.review_rows(queue), review_queue.REVIEW_COLUMNS))
     write_text_atomic(out / "audit.html", audit_html(labelled, resize256, labels, queue,
                                                      f"label audit: {len(labelled)} canvases"))
     ok = [r for r in labelled if r["status"] == "ok"]

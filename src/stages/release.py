@@ -5,7 +5,7 @@ Inputs:  QUANTIZE_Q8/text-q8_0.gguf, the mmproj in CONVERT_GGUF, SPLIT/*.jsonl (
          against the gates), IMAGES (eval_parity's per-image answers), FINETUNE_METRICS.
 Outputs: OUT/ (the bundle; dvc.yaml `artifacts:` names it):
            model.gguf       the Q8_0 text GGUF          mmproj.gguf    the vision projector
-           contract.json    src/contract.py Contract    grammar.gbnf   exactly the labels (src/grammar.py)
+           contract.json    src/config/contract.py Contract    grammar.gbnf   exactly the labels (src/runtime/grammar.py)
            model_card.json  metrics, base model, data counts, params, runtime versions, DVC hashes,
                             the kernels that proved it (x86 flags, arm64 -march, llama.cpp revision)
            model_card.md    the same for people
@@ -18,7 +18,7 @@ Two gates, apart: parity (eval_parity's, re-checked: the runtimes agree) and qua
 answers on the test split reach release.min_accuracy overall and release.min_class_accuracy in
 every class; an invalid answer counts as wrong). A quality failure still writes the review plots,
 so the confusion matrix and the sample grid show what the model gets wrong, but no bundle, and says
-why from what the run measured (src/gates.py quality_diagnosis: finetune's val curve and training
+why from what the run measured (src/quality/gates.py quality_diagnosis: finetune's val curve and training
 answers, the split's counts, the base and the photos' source).
 Command: python -m src.stages.release models/quantize_q8 models/convert_gguf data/split data/resize256 \
              metrics/parity.json metrics/parity_images.csv metrics/finetune.json models/release \
@@ -46,15 +46,17 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from src import arm64, plots
-from src.bases import describe
-from src.contract import Contract
-from src.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, the_mmproj
-from src.gates import gates, quality_diagnosis, quality_gates
-from src.grammar import gbnf
-from src.native import at, supervise
-from src.params import stage_params
-from src.records import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
+from src.runtime import arm64
+
+from src.quality import plots
+from src.model.bases import describe
+from src.config.contract import Contract
+from src.config.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, mmproj_of
+from src.quality.gates import gates, quality_diagnosis, quality_gates
+from src.runtime.grammar import gbnf
+from src.runtime.supervise import at, supervise
+from src.config.params import stage_params
+from src.data.files import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
 
 
@@ -115,8 +117,8 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
     """
     import llama_cpp
 
-    from src.grammar import Constraint, admits
-    from src.llama_runtime import silence
+    from src.runtime.grammar import Constraint, admits
+    from src.runtime.llama_vlm import silence
 
     silence()
     at("llama.cpp", f"the grammar check of {model.name}")
@@ -253,7 +255,7 @@ def main() -> None:
             + "\n    - ".join(causes))
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
-    copy_atomic(the_mmproj(args.convert_gguf), args.out / BUNDLE["mmproj"])
+    copy_atomic(mmproj_of(args.convert_gguf), args.out / BUNDLE["mmproj"])
     write_text_atomic(args.out / BUNDLE["contract"], contract.to_json())
     grammar = gbnf(contract.labels, contract.target)
     check_grammar(args.out / BUNDLE["model"], grammar, contract)

@@ -8,7 +8,7 @@ Outputs: OUT/canvases/<canvas sha256>.png, OUT/records.jsonl (one record per inp
 Params:  contract.canvas.*, resize256.workers (processes; 0 = one per core)
 Command: python -m src.stages.resize256 data/download data/resize256
 
-The canvas is `src.canvas`: `decode` then `to_canvas`, PNG-encoded by `canvas_png`, so
+The canvas is `src.data.canvas`: `decode` then `to_canvas`, PNG-encoded by `canvas_png`, so
 every byte is a function of the input bytes and the contract. A bad file (not an image,
 truncated, too many pixels, unsupported mode, missing, or a duplicate of an earlier
 input) becomes a rejected record with a fixed `cause` (one of CAUSES) and a `reason`
@@ -37,12 +37,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.canvas import CAUSES as CANVAS_CAUSES
-from src.canvas import BadImage, render_png
-from src.contract import CanvasSpec
-from src.params import stage_params
-from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
-from src.report import name_refused
+from src.data.canvas import CAUSES as CANVAS_CAUSES
+from src.data.canvas import BadImage, render_png
+from src.config.contract import CanvasSpec
+from src.config.params import stage_params
+from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
+from src.data.refused import name_refused
 
 JOURNAL = "journal.jsonl"
 RESULT_KEYS = ("status", "cause", "reason", "canvas", "canvas_sha256")

@@ -22,9 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.contract import labels_of
-from src.params import stage_params
-from src.records import read_jsonl, write_jsonl
+from src.config.contract import labels_of
+from src.config.params import stage_params
+from src.data.files import read_jsonl, write_jsonl
 
 PARTS = ("train", "val", "test")
 

@@ -1,0 +1,1 @@
+"""The app's reference client: a fortune from three photos, against a llama.cpp server."""

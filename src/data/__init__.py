@@ -1,0 +1,1 @@
+"""Photos in: sources, the demo, formats, the canvas, files and refusals."""

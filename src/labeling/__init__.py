@@ -1,0 +1,1 @@
+"""Labels: the teacher, its answer cache, the review queue and its audit page."""

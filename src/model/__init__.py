@@ -1,0 +1,1 @@
+"""The transformers side: the VLM, its bases, vision geometry, training, reading an answer."""

@@ -1,0 +1,1 @@
+"""The verdicts: eval_parity's and release's gates, and release's plots."""
