@@ -1,7 +1,8 @@
 # Two commands for a fresh machine: `make repro` and `make test`. Both set up .venv first.
 SHELL := /bin/bash
 # Some machines (this one) set PYTHONDONTWRITEBYTECODE: then every process recompiles src/ and pytest
-# re-rewrites every test module, about 1.5 s a process. Byte code goes to __pycache__/, which git ignores.
+# re-rewrites every test module (the cost: bench/README-results.md, "Build and test times"). Byte code goes to
+# __pycache__/, which git ignores.
 unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 PIP := $(PY) -m pip
@@ -20,7 +21,7 @@ WHEELS ?= $(HOME)/.cache/smolvlm-elements/wheels-$(BUILD_ID)
 STAMP := .venv/.setup-$(LLAMA_CPP)
 # test-quick runs on pytest-xdist workers (its tests wait on servers, timeouts and subprocesses more than
 # they compute). `make test` stays serial: its slow tests train and convert with torch and llama.cpp, and two
-# of those on two cores slow each other down (measured on this 2-core machine: 22.5 min on 2 workers, 20.6 serial).
+# of those on two cores slow each other down (measured: bench/README-results.md, "Build and test times").
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q
 
@@ -38,7 +39,7 @@ $(STAMP): requirements.txt requirements-remotes.txt requirements-test.txt runtim
 	test -f $(SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
-	  (echo "building llama-cpp-python $(LLAMA_CPP) from its sdist (about 7 min on 2 cores)" && \
+	  (echo "building llama-cpp-python $(LLAMA_CPP) from its sdist (minutes; bench/README-results.md: Build and test times)" && \
 	   CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) wheel -q --no-deps $(SDIST) -w $(WHEELS))
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	printf '%s\n' '$(LLAMA_CMAKE)' > .venv/llama_cpp_cmake
@@ -60,7 +61,7 @@ sshd:
 
 # eval_parity's arm64 rung cross-builds llama.cpp for the phones (runtime.yaml llama_cpp_arm64) and runs it under
 # qemu: Debian's cross compiler and qemu-user-static, installed with apt when missing (needs root). The probes are
-# cached per version and flags in ~/.cache/smolvlm-elements/arm64-*/ (first build: about 20 min on 2 cores).
+# cached per version and flags in ~/.cache/smolvlm-elements/arm64-*/ (first build: bench/README-results.md, "Build and test times").
 arm64: $(STAMP)
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v cmake >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
@@ -87,7 +88,7 @@ test-quick: setup sshd lint
 bench: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m bench.run
 
-# A change reviewed at a glance (README: Review): report of HEAD (default: the workspace) against BASE.
+# A change reviewed at a glance (docs/review.md): report of HEAD (default: the workspace) against BASE.
 .PHONY: review
 BASE ?= main
 review: setup

@@ -34,7 +34,7 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 # Tiny but real: the demo's small model and stages, on half the photos. Fewer steps than this
-# leave the answers near ties, where Q8_0 rounding flips them (parity-notes: "random weights make near ties").
+# leave the answers near ties, where Q8_0 rounding flips them (random weights make near ties).
 TINY = {
     "download.demo.n": 100,
     "split.val": 0.2,

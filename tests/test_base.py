@@ -19,7 +19,7 @@ C = Contract.from_dict(project_params()["contract"])
 TINY = hf_vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
-# The real-size profile, as the README's `dvc exp run` states it (a test below keeps the two equal).
+# The real-size profile, as docs/real-size.md's `dvc exp run` states it (a test below keeps the two equal).
 STOCK_TILE = hf_vlm.SMOLVLM_256M_VISION["image_size"]  # 512: SigLIP-base's tiles
 REAL_SIZE = {
     "base.source": "smollm2",
@@ -84,10 +84,10 @@ def test_the_card_says_what_each_base_is() -> None:
     assert "random init" in bases.describe(base_params(source="builder"))
 
 
-def test_readme_states_the_real_size_profile_of_these_tests() -> None:
-    readme = (ROOT / "README.md").read_text()
-    cmd = re.search(r"dvc exp run -n real-size (.*?)\n```", readme, re.S)
-    assert cmd, "README: no `dvc exp run -n real-size -S ...` command in a code block"
+def test_the_docs_state_the_real_size_profile_of_these_tests() -> None:
+    page = (ROOT / "docs/real-size.md").read_text()
+    cmd = re.search(r"dvc exp run -n real-size (.*?)\n```", page, re.S)
+    assert cmd, "docs/real-size.md: no `dvc exp run -n real-size -S ...` command in a code block"
     sets = dict(kv.split("=", 1) for kv in re.findall(r"-S (\S+)", cmd.group(1)))
     assert {k: yaml.safe_load(v) for k, v in sets.items()} == REAL_SIZE
 

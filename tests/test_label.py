@@ -250,7 +250,7 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
         assert "\n" not in line and srv.base_url in line
         assert ("refused the request's response_format (label.teacher.response_format=json_schema): HTTP 500: "
                 "Input should be 'text' or 'json_object'; try label.teacher.response_format=json_object for llama-cpp-python "
-                "(README: Teacher servers)") in line
+                "(docs/labels.md: Teacher servers)") in line
         assert srv.chat_requests == 1  # not retried six times, nor asked again for the next canvas
         # its own form, but the token limit in the field it does not read: the answer ran to the context's end
         with pytest.raises(SystemExit, match=r"ignored max_completion_tokens: an answer ran to \d+ tokens, over "
@@ -264,7 +264,7 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
         # vLLM's bounded form is OpenAI's wrapper too: refused the same way; the line names both other forms
         with pytest.raises(SystemExit, match=r"\(label.teacher.response_format=json_schema_bounded\): HTTP 500: Input "
                                              r"should be 'text' or 'json_object'; try label.teacher.response_format="
-                                             r"json_object for llama-cpp-python or json_schema for OpenAI \(README"):
+                                             r"json_object for llama-cpp-python or json_schema for OpenAI \(docs/labels.md: Teacher servers\)"):
             run_stage(tmp_path, params(srv.base_url, concurrency=1, teacher__prompt="again: {labels}",
                                        teacher__response_format="json_schema_bounded"))
         assert srv.chat_requests == 7
@@ -332,7 +332,7 @@ def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_
         assert rows[s[1]]["status"] == "failed" and srv.budgets(s[1]) == [100, room]  # once, not again and again
         assert rows[s[1]]["error"] == (f"answer cut off at max_completion_tokens=100 and again at {room}: "
                                        "label.teacher.response_format=json_schema leaves the reason unbounded; "
-                                       "raise label.teacher.max_tokens (README: Teacher servers)")
+                                       "raise label.teacher.max_tokens (docs/labels.md: Teacher servers)")
         assert srv.budgets(s[2]) == [100] and m["failed"] == 1 and m["invalid_answers"] == 3
     # a grammar server that did not honour the bound: the line says so
     with FakeOpenAI(truth, key, dialect="llama-cpp-python", always={s[2]: "cutoff"}) as srv:
@@ -341,7 +341,7 @@ def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_
         assert srv.budgets(s[2]) == [100, room]
         assert labels_by_sha(tmp_path)[s[2]]["error"] == (
             f"answer cut off at max_tokens=100 and again at {room}: the schema bounds the reason to 59 characters, "
-            "so this server does not honour the schema's pattern; raise label.teacher.max_tokens (README: Teacher servers)")
+            "so this server does not honour the schema's pattern; raise label.teacher.max_tokens (docs/labels.md: Teacher servers)")
 
 
 def test_the_vllm_form_bounds_the_reason_on_the_wire_and_a_rambler_closes(tmp_path: Path, key: str) -> None:
@@ -373,7 +373,7 @@ def test_the_vllm_form_bounds_the_reason_on_the_wire_and_a_rambler_closes(tmp_pa
         assert m["failed"] == 4 and m["requests"] == 8
         assert {r["error"] for r in labels_by_sha(tmp_path).values()} == {
             "answer cut off at max_completion_tokens=100 and again at 289: label.teacher.response_format=json_schema "
-            "leaves the reason unbounded; raise label.teacher.max_tokens (README: Teacher servers)"}
+            "leaves the reason unbounded; raise label.teacher.max_tokens (docs/labels.md: Teacher servers)"}
         # a server that ignores the pattern (or pads the JSON): cut off twice, the line says which param
         srv.always.update({x: "cutoff" for x in truth})
         run_stage(tmp_path, params(srv.base_url, max_failure_rate=1.0, teacher__prompt="third: {labels}",
@@ -381,7 +381,7 @@ def test_the_vllm_form_bounds_the_reason_on_the_wire_and_a_rambler_closes(tmp_pa
         assert {r["error"] for r in labels_by_sha(tmp_path).values()} == {
             "answer cut off at max_tokens=100 and again at 289: the schema bounds the reason to 59 characters, so this "
             "server does not honour the schema's pattern or pads the JSON with whitespace (vLLM: set "
-            "disable_any_whitespace); raise label.teacher.max_tokens (README: Teacher servers)"}
+            "disable_any_whitespace); raise label.teacher.max_tokens (docs/labels.md: Teacher servers)"}
 
 
 def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cpp_pythons_grammar() -> None:
@@ -506,7 +506,7 @@ def test_batch_mode_asks_a_cut_off_answer_once_more_in_a_follow_up_batch_and_res
         assert rows[s[1]]["status"] == "failed" and rows[s[1]]["error"] == (
             f"batch batch_0002: answer cut off at max_completion_tokens=100 and again at {room}: "
             "label.teacher.response_format=json_schema leaves the reason unbounded; raise label.teacher.max_tokens "
-            "(README: Teacher servers)")
+            "(docs/labels.md: Teacher servers)")
         assert {x: rows[x]["element"] for x in s[2:]} == {x: truth[x] for x in s[2:]}
         assert m["failed"] == 1 and m["invalid_answers"] == 3  # two cut off in the first batch, one in the follow-up
         log = tmp_path / "cache/batches.jsonl"
@@ -696,7 +696,7 @@ def served_chat_requests(log: Path) -> list[str]:
 @pytest.mark.slow
 def test_the_label_stage_against_llama_cpp_python_server(tmp_path: Path, key: str, llama_server: tuple[str, Path]) -> None:
     """An untrained tiny SmolVLM rambles; the grammar keeps its elements labels and the bounded
-    reason closes every answer within label.teacher.max_tokens (README's settings, 10 canvases)."""
+    reason closes every answer within label.teacher.max_tokens (docs/labels.md's settings, 10 canvases)."""
     base_url, log = llama_server
     truth = make_canvases(tmp_path / "resize256", 10)
     # OpenAI's form: the server refuses it (as a 500), and the stage says which field, after one request

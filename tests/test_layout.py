@@ -128,8 +128,13 @@ def test_a_stage_refuses_a_runtime_other_than_the_pinned_one(tmp_path: Path, cap
         "(run `make setup`, which installs runtime.yaml's pins)")
 
 
+def doc_files() -> list[Path]:
+    """The docs whose commands are checked: README.md and every page of docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands(text: str) -> list[str]:
-    """The README's commands: its shell lines (continuation lines joined, comments dropped, `&&` chains and
+    """A doc's commands (README.md or a docs/ page): its shell lines (continuation lines joined, comments dropped, `&&` chains and
     environment prefixes split off) and its inline code spans that start with a command this project drives."""
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [" ".join(line.split("#")[0].split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
@@ -147,7 +152,7 @@ def readme_commands(text: str) -> list[str]:
 
 
 def readme_problems(text: str, home: Path) -> list[str]:
-    """What in the README's commands names something the repository lacks: a make target, a stage, a module or
+    """What in a doc's commands names something the repository lacks: a make target, a stage, a module or
     its option, an artifact, a DVC output; a `-S key=value` a stage does not declare or the schema refuses
     (the overrides of one command are validated together, `$HOME` read as `home`)."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -207,15 +212,17 @@ def readme_problems(text: str, home: Path) -> list[str]:
     return problems
 
 
-def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_path: Path) -> None:
-    text = (ROOT / "README.md").read_text()
-    commands = readme_commands(text)
+def test_every_doc_command_names_what_exists_and_every_override_is_valid(tmp_path: Path) -> None:
+    docs = {f.relative_to(ROOT).as_posix(): f.read_text() for f in doc_files()}
+    assert "docs/real-size.md" in docs and "docs/labels.md" in docs, sorted(docs)
+    commands = [c for text in docs.values() for c in readme_commands(text)]
     assert sum(" -S " in c for c in commands) >= 3 and any(c.startswith("make ") for c in commands)  # it reads them
-    assert readme_problems(text, tmp_path) == []
-    # the same check on a README with one mistake of each kind
+    assert sum(c.startswith(("python -m src.", ".venv/bin/python -m src.")) for c in commands) >= 3
+    assert {name: readme_problems(text, tmp_path) for name, text in docs.items()} == {name: [] for name in docs}
+    # the same check on a doc with one mistake of each kind
     broken = ("```bash\nmake tests\nmake review BASES=main\npython -m src.tools.review main --outt r\ndvc exp run -S finetune.epoch=12\ndvc exp run -S finetune.epochs=0\n"
               "dvc exp run -S contract.vision.tile=256\ndvc repro finetun\n.venv/bin/python -m src.client.fortune a.jpg --bundel b\n"
-              "python -m src.tools.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\n```\n")
+              "python -m src.tools.remotes chek\ndvc get URL models/relase\ngto register element-clasifier\npython -m src.relese\n```\n")
     assert [p.split(": ", 1)[1] for p in readme_problems(broken, tmp_path)] == [
         "no make target 'tests'",
         "the Makefile reads no variable 'BASES'",
@@ -229,19 +236,51 @@ def test_every_readme_command_names_what_exists_and_every_override_is_valid(tmp_
         "src.tools.remotes has no command 'chek'",
         "models/relase is no path of dvc.yaml",
         "no artifact 'element-clasifier'",
+        "no module src.relese",
     ]
 
 
-def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
-    """A stage run by hand from the README takes the arguments dvc.yaml gives it, and dvc only runs stages
+def docs_page_problems(name: str, text: str, root: Path = ROOT) -> list[str]:
+    """A docs/ page says what it covers under its title, ends with a `Code:` line, names only files that exist
+    there, and the README's "More" links it."""
+    problems = []
+    paras = [p for p in text.strip().split("\n\n") if p.strip()]
+    if len(paras) < 2 or not paras[0].startswith("# ") or paras[1].startswith(("#", "|", "```", "-")):
+        problems.append(f"{name}: no sentence under the title saying what the page covers")
+    if not paras or not paras[-1].startswith("Code: "):
+        problems.append(f"{name}: does not end with a `Code:` line")
+    else:
+        for path in re.findall(r"`([\w./-]+/[\w./-]*|[\w-]+\.(?:py|yaml|toml|txt|csv|md))`", paras[-1]):
+            if not (root / path).exists():
+                problems.append(f"{name}: Code: names {path}, which does not exist")
+    if f"]({name})" not in (root / "README.md").read_text():
+        problems.append(f"{name}: README.md's More does not link it")
+    return problems
+
+
+def test_every_docs_page_says_what_it_covers_and_names_its_code() -> None:
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert len(pages) >= 8
+    assert [p for f in pages for p in docs_page_problems(f.relative_to(ROOT).as_posix(), f.read_text())] == []
+    # and it can fail: a page with no sentence, a Code: line naming a file that is gone, not linked
+    broken = "# Gone\n\n## At once a heading\n\nCode: `src/stages/gone.py`, `src/config/contract.py`.\n"
+    assert docs_page_problems("docs/gone.md", broken) == [
+        "docs/gone.md: no sentence under the title saying what the page covers",
+        "docs/gone.md: Code: names src/stages/gone.py, which does not exist",
+        "docs/gone.md: README.md's More does not link it",
+    ]
+
+
+def test_docs_run_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
+    """A stage run by hand from a doc (README.md, docs/) takes the arguments dvc.yaml gives it, and dvc only runs stages
     with the venv active (it runs the first `python` on PATH)."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     paths = dvc["vars"][0]["paths"]
     expected = {name: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], " ".join(s["cmd"].split()))
                 for name, s in dvc["stages"].items()}
-    commands = readme_commands((ROOT / "README.md").read_text())
+    commands = [c for f in doc_files() for c in readme_commands(f.read_text())]
     by_hand = [c for c in commands if re.search(r" -m src\.stages\.\w", c)]
-    assert by_hand, "the README runs no stage by hand: nothing checked"
+    assert by_hand, "no doc runs a stage by hand: nothing checked"
     for c in by_hand:
         stage = re.search(r"-m src\.stages\.(\w+)", c).group(1)
         assert c[c.index("-m src.stages."):] == expected[stage].split("python ", 1)[1], c

@@ -1,6 +1,6 @@
 """A team remote on real servers: DVC's own S3 and SSH drivers against moto's S3 server and OpenSSH's sshd.
 
-For each remote, as the README's "Shared remote" says: a clone pushes everything; a second clone in
+For each remote, as docs/remotes.md says: a clone pushes everything; a second clone in
 another folder pulls and is clean; an app build gets the GTO-tagged release from a bare git origin with
 `dvc artifacts get`, given the remote's credentials only through the environment or a flag. A recognisable
 secret is then searched for in every file the round trip wrote (.git and .dvc included, DVC's site cache,
@@ -349,7 +349,7 @@ def test_ssh_host_key_mismatch(sshd: SSHServer, template: Path, tmp_path: Path) 
     impostor = keygen(tmp_path / "impostor")
     line, codes, url = host_key_case(sshd, template, tmp_path, sshd.known_hosts_line(impostor))
     # DVC's SSH driver checks no host key (sshfs connects with known_hosts=None): the push goes through.
-    # This is why `src.tools.remotes check` exists; if a DVC upgrade starts refusing, update the README.
+    # This is why `src.tools.remotes check` exists; if a DVC upgrade starts refusing, update docs/remotes.md.
     assert codes == 0 * 1000 + 1
     assert line.startswith(f"remote bad ({url}): host key mismatch: {sshd.host}:{sshd.port} presents SHA256:")
     assert "but ~/.ssh/known_hosts records SHA256:" in line

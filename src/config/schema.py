@@ -106,7 +106,7 @@ class Vision(Section):
 
     @model_validator(mode="after")
     def layouts_agree(self) -> Vision:
-        # llama.cpp always adds an overview tile, transformers only when it splits (parity-notes)
+        # llama.cpp always adds an overview tile, transformers only when it splits (docs/parity.md: the parity ladder)
         if self.longest_edge < 2 * self.tile:
             raise rule("longest_edge", self.longest_edge, f"below 2 x tile ({2 * self.tile}): transformers and "
                        "llama.cpp would lay the image out differently", f"at least {2 * self.tile}")

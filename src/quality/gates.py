@@ -109,7 +109,7 @@ QUALITY_ADVICE = ("more photos per class (download.*), more training (finetune.e
                   "(finetune.lr), a real base model (base.source: hub with base.revision)")
 
 # Bases whose vision tower is random (and frozen while finetuning): they separate the demo's generated colours and
-# textures, not photos (README: Training; 0.2 accuracy, chance, on 35 real photos).
+# textures, not photos (docs/release.md, the quality gate: 0.2 accuracy, chance, on 35 real photos).
 RANDOM_VISION = {"builder": "the demo base (base.source builder) is a small SmolVLM built with random weights",
                  "smollm2": "base.source smollm2 is SmolLM2's real text model with a randomly initialised vision tower"}
 # A val accuracy that guessing among the labels reaches at least this often shows no sign that the model sees
@@ -184,7 +184,7 @@ def quality_diagnosis(ft: dict[str, Any], counts: dict[str, dict[str, int]], p: 
             f"guessing among {k} labels reaches "
             f"{guess:.0%} of the time. No number of epochs or photos fixes this: use a base with trained vision "
             f"weights, the real base: base.source hub, base.hub_id {p['base']['hub_id']} at a pinned base.revision "
-            f"(or base.source local; README: Training)")
+            f"(or base.source local; docs/real-size.md: Training)")
     falling = ft["val_loss_falling"]
     if falling:
         advised, more = epochs_advised(epochs, last, previous)

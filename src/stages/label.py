@@ -22,7 +22,7 @@ supplied and checks it against the contract's labels. Provider `teacher` asks a 
 over an OpenAI-compatible API (label.teacher.base_url, .model; the key only from the
 environment variable named by label.teacher.api_key_env), online or via the Batch API
 (src/labeling/teacher/). label.teacher.response_format and .max_tokens_field fit the request to
-the server (OpenAI, vLLM, llama.cpp: README "Teacher servers"); a server that refuses
+the server (OpenAI, vLLM, llama.cpp: docs/labels.md "Teacher servers"); a server that refuses
 one of them stops the stage with one line naming the field. In the bounded forms
 (json_object, json_schema_bounded) the schema bounds the reason to fit
 label.teacher.max_tokens (src/labeling/teacher/request.py).

@@ -42,7 +42,7 @@ Detail = Literal["low", "high", "auto"]
 ResponseFormat = Literal["json_schema", "json_object", "json_schema_bounded"]
 MaxTokensField = Literal["max_completion_tokens", "max_tokens"]
 RESPONSE_FORMATS: tuple[str, ...] = get_args(ResponseFormat)
-# The forms whose schema bounds `reason` (`reason_bound`), and which servers each suits (README: Teacher servers).
+# The forms whose schema bounds `reason` (`reason_bound`), and which servers each suits (docs/labels.md: Teacher servers).
 BOUNDED_FORMS = ("json_object", "json_schema_bounded")
 SERVERS_OF_FORM = {"json_schema": "OpenAI", "json_schema_bounded": "vLLM/llama-server",
                    "json_object": "llama-cpp-python"}
@@ -335,7 +335,7 @@ def refusal_line(cfg: TeacherConfig, status: int, name: str, complaint: str) -> 
             "label.teacher.temperature": f"try {param}: null",
             "label.teacher.detail": f"try another {param}"}[param]
     return (f"{cfg.base_url} refused the request's {name} ({param}={now}): HTTP {status}: {complaint}; {hint} "
-            f"(README: Teacher servers)")
+            f"(docs/labels.md: Teacher servers)")
 
 
 def ignored_limit_line(cfg: TeacherConfig, tokens_out: int, budget: int) -> str:
@@ -343,7 +343,7 @@ def ignored_limit_line(cfg: TeacherConfig, tokens_out: int, budget: int) -> str:
     over = f"label.teacher.max_tokens={cfg.max_tokens}" if budget == cfg.max_tokens else f"the retry's budget of {budget}"
     return (f"{cfg.base_url} ignored {cfg.max_tokens_field}: an answer ran to {tokens_out} tokens, over "
             f"{over}; try label.teacher.max_tokens_field="
-            f"{_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)} (README: Teacher servers)")
+            f"{_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)} (docs/labels.md: Teacher servers)")
 
 
 def cut_off_line(cfg: TeacherConfig, labels: tuple[str, ...], budget: int) -> str:
@@ -356,7 +356,7 @@ def cut_off_line(cfg: TeacherConfig, labels: tuple[str, ...], budget: int) -> st
     else:
         why = "label.teacher.response_format=json_schema leaves the reason unbounded"
     return (f"answer cut off at {cfg.max_tokens_field}={cfg.max_tokens} and again at {budget}: {why}; raise "
-            f"label.teacher.max_tokens (README: Teacher servers)")
+            f"label.teacher.max_tokens (docs/labels.md: Teacher servers)")
 
 
 def _other(value: str, choices: tuple[str, ...]) -> str:
