@@ -45,7 +45,7 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
     from src.labeling.answer_cache import AnswerCache
     from src.labeling.teacher.client import teach
     from src.labeling.teacher.request import Item, TeacherConfig
-    from tests.openai_server import FakeOpenAI
+    from testkit.openai_server import FakeOpenAI
 
     key = "sk-loopback"  # a dummy for the loopback server
     os.environ["BENCH_TEACHER_KEY"] = key
@@ -134,7 +134,7 @@ def _run(cmd: list[str], cwd: Path) -> float:
 
 def data_repo(dest: Path, n: int) -> Path:
     """A git + DVC repo with this project's code and only the data stages, demo source of n photos."""
-    from tests.conftest import make_repo  # the one throwaway-repo builder
+    from testkit.project import make_repo  # the one throwaway-repo builder
 
     return make_repo(dest, {"download.source": "demo", "download.demo.n": n, "label.provider": "manifest"},
                      stages=DATA_STAGES)

@@ -395,7 +395,7 @@ class Release(Section):
 
 
 # params.yaml sections read by a command outside the pipeline, never by a stage: they decide no output,
-# so no dvc.yaml stage declares them and changing one reruns nothing (tests/test_params.py).
+# so no dvc.yaml stage declares them and changing one reruns nothing (tests/unit/test_params.py).
 COMMANDS = ("review",)
 
 

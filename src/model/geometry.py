@@ -14,7 +14,7 @@ upscaled to 2048. llama.cpp's idefics3 graph adds the stored table as-is (it
 does not interpolate at run time), so the table itself must be re-gridded
 before conversion, and `vision_config.image_size` must say the new tile.
 
-Used by bench/run.py (`python -m bench.run`) and tests/test_geometry.py.
+Used by bench/run.py (`python -m bench.run`) and tests/unit/test_geometry.py.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class LlamaVLM:
     def __init__(self, text_gguf: Path, mmproj_gguf: Path, n_ctx: int = 4096, n_threads: int | None = None):
         silence()
         # OMP_NUM_THREADS sets llama.cpp's threads as it sets torch's: the answers must not depend on it
-        # (each output of a ggml matmul is summed by one thread), and tests/test_runtime_build.py checks they do not.
+        # (each output of a ggml matmul is summed by one thread), and tests/pipeline/test_runtime_build.py checks they do not.
         n_threads = n_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
         self.llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                    n_threads=n_threads, logits_all=False, verbose=False)
