@@ -94,6 +94,39 @@ def stage_imports_stage(root: Path = ROOT) -> list[str]:
     return out
 
 
+# src/ holds packages only, one a kind of file; the pipeline's own never reach into the tools, the
+# client or the stages (a stage is an entry point, not a library), and src never imports test support.
+APART = ("src/tools", "src/client", "src/stages")
+NEVER = ("tests", "testkit", "bench")
+
+
+def layout_problems(root: Path = ROOT) -> list[str]:
+    """One line per break of the layout rules above, and per package `__init__.py` that holds code
+    (it runs on every import from its package, so it would be a code dep of every stage that imports one)."""
+    out = []
+    src = root / "src"
+    out += [f"{f.relative_to(root)}: a module outside a package (put it in the package it belongs to)"
+            for f in sorted(src.glob("*.py")) if f.name != "__init__.py"]
+    for init in sorted(src.rglob("__init__.py")):
+        body = ast.parse(init.read_text()).body
+        if body[1:] or (body and not (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant))):
+            out.append(f"{init.relative_to(root)}: holds code; a package's __init__.py is its docstring only")
+    for f in sorted(src.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                if name.split(".")[0] in NEVER:
+                    out.append(f"{rel} imports {name}: src never imports test or benchmark code")
+        if not rel.startswith(APART):
+            for g in sorted(imports(f, root)):
+                grel = g.relative_to(root).as_posix()
+                if grel.startswith(APART):
+                    out.append(f"{rel} imports {grel}: pipeline code never imports the tools, the client or a stage")
+    return out
+
+
 def diff(dvc_yaml: Path, root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
     """{stage: (missing, extra)} for every stage whose declared code deps differ from the derived ones."""
     import yaml
@@ -159,7 +192,7 @@ def main() -> None:
         print(f"deps: {'rewrote ' + ', '.join(changed) if changed else 'nothing to change'} in {dvc_yaml}")
         return
     problems = [f"{s}: missing {m or '-'}; not imported {x or '-'}" for s, (m, x) in diff(dvc_yaml).items()]
-    problems += stage_imports_stage()
+    problems += stage_imports_stage() + layout_problems()
     if problems:
         sys.exit("deps: dvc.yaml's code deps differ from the imports (run `python -m src.tools.deps --write`):\n  "
                  + "\n  ".join(problems))

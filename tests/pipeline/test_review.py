@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.tools.review import MARKER
+from src.tools.review.report import MARKER
 from src.tools.review.__main__ import main as review
 from src.tools.review import compare
 from src.tools.review.compare import differs, flatten

@@ -38,6 +38,28 @@ def test_no_stage_imports_another_stage() -> None:
     assert deps.stage_imports_stage() == []
 
 
+def test_src_is_packages_of_one_kind_and_pipeline_code_stays_apart() -> None:
+    assert deps.layout_problems() == []
+
+
+def test_each_layout_rule_can_fail(tmp_path: Path) -> None:
+    """A copy of src/ that breaks each rule once: a loose module, an __init__ with code, pipeline code that
+    imports a tool, and src importing test support."""
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    (tmp_path / "src" / "loose.py").write_text("X = 1\n")
+    init = tmp_path / "src" / "data" / "__init__.py"
+    init.write_text(init.read_text() + "X = 1\n")
+    canvas = tmp_path / "src" / "data" / "canvas.py"
+    canvas.write_text(canvas.read_text() + "\nfrom src.tools import deps\nfrom testkit.project import ROOT\n")
+    assert deps.layout_problems(tmp_path) == [
+        "src/loose.py: a module outside a package (put it in the package it belongs to)",
+        "src/data/__init__.py: holds code; a package's __init__.py is its docstring only",
+        "src/data/canvas.py imports testkit.project: src never imports test or benchmark code",
+        "src/data/canvas.py imports src/tools/__init__.py: pipeline code never imports the tools, the client or a stage",
+        "src/data/canvas.py imports src/tools/deps.py: pipeline code never imports the tools, the client or a stage",
+    ]
+
+
 def test_a_stage_importing_a_stage_is_caught(tmp_path: Path) -> None:
     """The rule above can fail: a copy of src/ where split imports download."""
     shutil.copytree(ROOT / "src", tmp_path / "src")

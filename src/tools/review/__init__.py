@@ -4,5 +4,3 @@
 revision from git and DVC, `compare` computes what changed, `report` writes the folder, `forge`
 posts it as one comment per merge request, updated in place.
 """
-
-MARKER = "<!-- smolvlm-elements review -->"  # hidden in the comment: how the forge client finds it again

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import requests
 
-from src.tools.review import MARKER
+from src.tools.review.report import MARKER
 
 GITHUB_LIMIT = 65536  # characters in one GitHub comment; GitLab's notes take 1,000,000
 TIMEOUT_S = 30
