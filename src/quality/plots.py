@@ -9,11 +9,16 @@ the matplotlib version) only.
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from src.config.artifacts import PLOTS
+from src.data.files import write_bytes_atomic
 
 INVALID = "invalid"
 
@@ -90,3 +95,27 @@ def sample_grid_png(tiles: list[tuple[Image.Image, str, str, str]], cols: int, t
         ax.set_title(f"{short_name(name)}\n{truth} -> {pred}", fontsize=8, color="black" if truth == pred else "red")
     fig.suptitle(title)
     return _png(fig)
+
+
+def grid_rows(rows: list[dict[str, str]], labels: tuple[str, ...], n: int) -> list[dict[str, str]]:
+    """Up to `n` rows: every mistake first (what a reviewer needs to see), then classes in turn."""
+    wrong = sorted((r for r in rows if r["pred"] != r["truth"]), key=lambda r: r["name"])
+    right = {label: sorted((r for r in rows if r["pred"] == r["truth"] == label), key=lambda r: r["name"])
+             for label in labels}
+    picked = wrong[:n]
+    i = 0
+    while len(picked) < n and any(i < len(v) for v in right.values()):
+        picked += [v[i] for v in right.values() if i < len(v)][: n - len(picked)]
+        i += 1
+    return picked
+
+
+def review_plots(out: Path, resize256: Path, rows: list[dict[str, str]], per_class: dict[str, Any],
+                 labels: tuple[str, ...], grid: dict[str, Any], title: str) -> None:
+    """confusion.png, per_class_accuracy.png, sample_grid.png (photos by name) into `out`."""
+    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
+    write_bytes_atomic(out / PLOTS["confusion"], confusion_png(truth, pred, labels, title))
+    write_bytes_atomic(out / PLOTS["per_class"], per_class_png(per_class, title))
+    tiles = [(Image.open(resize256 / r["canvas"]), r["name"], r["truth"], r["pred"])
+             for r in grid_rows(rows, labels, grid["n"])]
+    write_bytes_atomic(out / PLOTS["grid"], sample_grid_png(tiles, grid["cols"], title))

@@ -36,41 +36,23 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from PIL import Image
-
-from src.runtime import arm64
-
-from src.quality import plots
-from src.model.bases import describe
+from src.config.artifacts import BUNDLE, PLOTS, SPLITS, mmproj_of, text_gguf
 from src.config.contract import Contract
-from src.config.artifacts import BUNDLE, PLOTS, SPLITS, text_gguf, mmproj_of
+from src.config.params import stage_params
+from src.data.files import copy_atomic, read_jsonl, write_json, write_text_atomic
+from src.quality import plots
+from src.quality.card import card_markdown, dvc_hashes, file_hashes, model_card
 from src.quality.gates import gates, quality_diagnosis, quality_gates
 from src.runtime.grammar import gbnf
 from src.runtime.supervise import at, supervise
-from src.config.params import stage_params
-from src.data.files import copy_atomic, read_jsonl, write_bytes_atomic, write_json, write_text_atomic
 
 
-
-def file_hashes(path: Path) -> dict[str, Any]:
-    """md5 (what DVC records for a file) and sha256 (what an app verifies a download with)."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            md5.update(block)
-            sha.update(block)
-    return {"bytes": path.stat().st_size, "md5": md5.hexdigest(), "sha256": sha.hexdigest()}
-
-
-def answers(images_csv: str, labels: tuple[str, ...]) -> list[dict[str, str]]:
+def parity_rows(images_csv: str, labels: tuple[str, ...]) -> list[dict[str, str]]:
     """eval_parity's rows as {id, name, canvas, truth, pred}; pred is the Q8_0 answer or `invalid`."""
     rows = list(csv.DictReader(io.StringIO(images_csv)))
     return [{"id": r["id"], "name": r.get("name") or r["id"], "canvas": r["canvas"], "truth": r["truth"],
@@ -84,29 +66,6 @@ def data_counts(split_dir: Path, labels: tuple[str, ...]) -> dict[str, dict[str,
         rows = read_jsonl(split_dir / f"{name}.jsonl")
         out[name] = {"n": len(rows), **{label: sum(r["element"] == label for r in rows) for label in labels}}
     return out
-
-
-def grid_rows(rows: list[dict[str, str]], labels: tuple[str, ...], n: int) -> list[dict[str, str]]:
-    """Up to `n` rows: every mistake first (what a reviewer needs to see), then classes in turn."""
-    wrong = sorted((r for r in rows if r["pred"] != r["truth"]), key=lambda r: r["name"])
-    right = {label: sorted((r for r in rows if r["pred"] == r["truth"] == label), key=lambda r: r["name"])
-             for label in labels}
-    picked = wrong[:n]
-    i = 0
-    while len(picked) < n and any(i < len(v) for v in right.values()):
-        picked += [v[i] for v in right.values() if i < len(v)][: n - len(picked)]
-        i += 1
-    return picked
-
-
-def dvc_hashes(lock: Path, deps: list[Path]) -> dict[str, str]:
-    """The md5 `dvc.lock` records for each dep that an upstream stage outputs ("unknown" outside `dvc repro`)."""
-    recorded: dict[str, str] = {}
-    if lock.exists():
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for out in stage.get("outs", []):
-                recorded[os.path.normpath(out["path"])] = out.get("md5", "unknown")
-    return {str(d): recorded.get(os.path.normpath(d), "unknown") for d in deps}
 
 
 def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
@@ -136,123 +95,33 @@ def check_grammar(model: Path, grammar: str, contract: Contract) -> None:
         llm.close()
 
 
-def kernels(runtime: dict[str, str], parity: dict[str, Any]) -> dict[str, Any]:
-    """Which llama.cpp builds proved this bundle: the x86 baseline (every rung) and the arm64 variants (their rung)."""
-    arm = parity.get("arm64", {})
-    return {"llama_cpp_python": runtime["llama_cpp_python"],
-            "llama_cpp_revision": arm64.llama_cpp_revision(runtime["llama_cpp_python"]),
-            "x86": {"cmake": runtime["llama_cpp_cmake"], "photos": parity["n_test"]},
-            "arm64": {v: {"march": r["march"], "qemu_cpu": r["qemu_cpu"], "photos": arm["n"]}
-                      for v, r in arm.get("variants", {}).items()}}
-
-
-def model_card(contract: Contract, p: dict[str, Any], parity: dict[str, Any], finetune: dict[str, Any],
-               per_class: dict[str, Any], counts: dict[str, Any], files: dict[str, Any], dvc: dict[str, str]) -> dict[str, Any]:
-    base = p["base"]
-    return {
-        "name": "SmolVLM five-element classifier",
-        "labels": list(contract.labels),
-        "base_model": {**base, "description": describe(base)},
-        "runtime": {"engine": "llama.cpp mtmd", "text": f"{BUNDLE['model']} ({p['quantize_q8']['ftype']})",
-                    "mmproj": BUNDLE["mmproj"], "n_ctx": p["eval_parity"]["n_ctx"],
-                    "decoding": "greedy as contract.generation, constrained by grammar.gbnf",
-                    "kernels": kernels(p["runtime"], parity)},
-        "metrics": {"test_q8_0": {"accuracy": parity["accuracy"]["q8_0"], "agreement_with_hf": parity["agreement"]["q8_0"],
-                                  "invalid_rate": parity["invalid_rate"]["q8_0"], "per_class": per_class},
-                    "parity": parity, "finetune": finetune},
-        "data": counts,
-        "params": p,
-        "files": files,
-        "provenance": {"dvc_deps_md5": dvc, "runtime": p["runtime"],
-                       "commit": "the git tag of this release (GTO) names the commit that holds this dvc.lock"},
-    }
-
-
-def card_markdown(card: dict[str, Any]) -> str:
-    m, d = card["metrics"]["test_q8_0"], card["data"]
-    labels = card["labels"]
-    lines = [
-        f"# {card['name']}", "",
-        f"Labels: {', '.join(labels)}. Base model: {card['base_model']['description']}.",
-        f"Runtime: {card['runtime']['engine']}, {card['runtime']['text']} + {card['runtime']['mmproj']}, "
-        f"n_ctx {card['runtime']['n_ctx']}, {card['runtime']['decoding']}.", "",
-        "## Metrics (test split, Q8_0, eval_parity)", "",
-        f"accuracy {m['accuracy']}, agreement with transformers {m['agreement_with_hf']}, "
-        f"invalid rate {m['invalid_rate']}", "",
-        "| class | n | correct | accuracy |", "|---|---|---|---|",
-        *[f"| {k} | {v['n']} | {v['correct']} | {v['accuracy']} |" for k, v in m["per_class"].items()], "",
-        "## Kernels that proved it", "",
-        *kernel_lines(card["runtime"]["kernels"]), "",
-        "## Data", "",
-        f"| split | n | {' | '.join(labels)} |", "|---|---|" + "---|" * len(labels),
-        *[f"| {s} | {c['n']} | {' | '.join(str(c[label]) for label in labels)} |" for s, c in d.items()], "",
-        "## Files", "", "| file | bytes | sha256 |", "|---|---|---|",
-        *[f"| {k} | {v['bytes']} | `{v['sha256']}` |" for k, v in card["files"].items()], "",
-        "## Provenance", "",
-        f"Built from these DVC outputs ({card['provenance']['commit']}):", "",
-        *[f"- `{k}` md5 `{v}`" for k, v in card["provenance"]["dvc_deps_md5"].items()], "",
-        "Runtime: " + ", ".join(f"{k}.{sub} {x}" if isinstance(v, dict) else f"{k} {v}"
-                                for k, v in card["provenance"]["runtime"].items()
-                                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])), "",
-        "## Params", "", "```json", json.dumps(card["params"], indent=2, sort_keys=True), "```", "",
-    ]
-    return "\n".join(lines)
-
-
-def kernel_lines(k: dict[str, Any]) -> list[str]:
-    lines = [f"llama.cpp {k['llama_cpp_revision']} (llama-cpp-python {k['llama_cpp_python']}).",
-             f"- x86, every rung on {k['x86']['photos']} test photos: `{k['x86']['cmake']}`"]
-    lines += [f"- arm64 {v}, the arm64 rung on {a['photos']} test photos under qemu -cpu {a['qemu_cpu']}: "
-              f"`-march={a['march']}`" for v, a in k["arm64"].items()]
-    return lines
-
-
-def review_plots(out: Path, resize256: Path, rows: list[dict[str, str]], per_class: dict[str, Any],
-                 labels: tuple[str, ...], grid: dict[str, Any], title: str) -> None:
-    """confusion.png, per_class_accuracy.png, sample_grid.png (photos by name) into `out`."""
+def quality_gate(args: argparse.Namespace, p: dict[str, Any], contract: Contract, rows: list[dict[str, str]],
+                 per_class: dict[str, Any]) -> None:
+    """Stop with the quality gate's report and diagnosis when the Q8_0 answers are not good enough."""
     truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
-    write_bytes_atomic(out / PLOTS["confusion"], plots.confusion_png(truth, pred, labels, title))
-    write_bytes_atomic(out / PLOTS["per_class"], plots.per_class_png(per_class, title))
-    tiles = [(Image.open(resize256 / r["canvas"]), r["name"], r["truth"], r["pred"])
-             for r in grid_rows(rows, labels, grid["n"])]
-    write_bytes_atomic(out / PLOTS["grid"], plots.sample_grid_png(tiles, grid["cols"], title))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("quantize_q8", "convert_gguf", "split", "resize256", "parity", "images", "finetune_metrics",
-                 "out", "plots"):
-        ap.add_argument(name, type=Path)
-    args = ap.parse_args()
-    p = stage_params("release")
-    contract = Contract.from_dict(p["contract"])
-    parity = json.loads(args.parity.read_text())
-    fails = gates(parity, p["eval_parity"], {})  # the DAG already orders release after a green eval_parity;
-    if fails:                                    # this also stops `dvc repro -s release` on stale metrics
-        raise SystemExit("release: PARITY gate failed (the runtimes disagree), nothing released\n  "
-                         + "\n  ".join(fails))
-    rows = answers(args.images.read_text(), contract.labels)
-    truth, pred = [r["truth"] for r in rows], [r["pred"] for r in rows]
-    per_class = plots.per_class_accuracy(truth, pred, contract.labels)
     accuracy = round(sum(t == x for t, x in zip(truth, pred)) / len(rows), 4) if rows else 0.0
-    title = f"Q8_0 on the test split (n={len(rows)})"
-    review_plots(args.plots, args.resize256, rows, per_class, contract.labels, p["release"]["grid"], title)
     fails = quality_gates(accuracy, per_class, p["release"])
-    if fails:
-        invalid = sum(x == plots.INVALID for x in pred)
-        ft = p["finetune"]
-        wrong = tuple(f"{r['name']} (labelled {r['truth']}, model {r['pred']})" for r in rows
-                      if r["pred"] not in (r["truth"], plots.INVALID))
-        causes = quality_diagnosis(json.loads(args.finetune_metrics.read_text()),
-                                   data_counts(args.split, contract.labels), p, contract.labels, wrong)
-        raise SystemExit(
-            "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
-            "released\n  " + "\n  ".join(fails) + "\n"
-            f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
-            f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
-            f"  Diagnosis, from this run's measurements (now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
-            f"base.source {p['base']['source']}, download.source {p['download']['source']}):\n    - "
-            + "\n    - ".join(causes))
+    if not fails:
+        return
+    invalid = sum(x == plots.INVALID for x in pred)
+    ft = p["finetune"]
+    wrong = tuple(f"{r['name']} (labelled {r['truth']}, model {r['pred']})" for r in rows
+                  if r["pred"] not in (r["truth"], plots.INVALID))
+    causes = quality_diagnosis(json.loads(args.finetune_metrics.read_text()),
+                               data_counts(args.split, contract.labels), p, contract.labels, wrong)
+    raise SystemExit(
+        "release: QUALITY gate failed (not parity: the runtimes agree; the model is not good enough), nothing "
+        "released\n  " + "\n  ".join(fails) + "\n"
+        f"  {invalid}/{len(rows)} Q8_0 answers were not a label (counted as wrong). Review {args.plots}/"
+        f"{PLOTS['confusion']} and {PLOTS['grid']}.\n"
+        f"  Diagnosis, from this run's measurements (now finetune.epochs {ft['epochs']}, finetune.lr {ft['lr']}, "
+        f"base.source {p['base']['source']}, download.source {p['download']['source']}):\n    - "
+        + "\n    - ".join(causes))
+
+
+def bundle(args: argparse.Namespace, p: dict[str, Any], contract: Contract, parity: dict[str, Any],
+           per_class: dict[str, Any]) -> dict[str, Any]:
+    """Write the bundle the app ships and its model card into `args.out`; the card."""
     args.out.mkdir(parents=True, exist_ok=True)
     copy_atomic(text_gguf(args.quantize_q8, p["quantize_q8"]["ftype"]), args.out / BUNDLE["model"])
     copy_atomic(mmproj_of(args.convert_gguf), args.out / BUNDLE["mmproj"])
@@ -268,6 +137,32 @@ def main() -> None:
                       dvc_hashes(Path("dvc.lock"), deps))
     write_json(args.out / BUNDLE["card"], card)
     write_text_atomic(args.out / BUNDLE["card_md"], card_markdown(card))
+    return card
+
+
+def run(args: argparse.Namespace, p: dict[str, Any]) -> dict[str, Any]:
+    """Re-check parity, draw the review plots, apply the quality gate, then write the bundle: its card."""
+    contract = Contract.from_dict(p["contract"])
+    parity = json.loads(args.parity.read_text())
+    fails = gates(parity, p["eval_parity"], {})  # the DAG already orders release after a green eval_parity;
+    if fails:                                    # this also stops `dvc repro -s release` on stale metrics
+        raise SystemExit("release: PARITY gate failed (the runtimes disagree), nothing released\n  "
+                         + "\n  ".join(fails))
+    rows = parity_rows(args.images.read_text(), contract.labels)
+    per_class = plots.per_class_accuracy([r["truth"] for r in rows], [r["pred"] for r in rows], contract.labels)
+    title = f"Q8_0 on the test split (n={len(rows)})"
+    plots.review_plots(args.plots, args.resize256, rows, per_class, contract.labels, p["release"]["grid"], title)
+    quality_gate(args, p, contract, rows, per_class)
+    return bundle(args, p, contract, parity, per_class)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("quantize_q8", "convert_gguf", "split", "resize256", "parity", "images", "finetune_metrics",
+                 "out", "plots"):
+        ap.add_argument(name, type=Path)
+    args = ap.parse_args()
+    card = run(args, stage_params("release"))
     print(f"release: {', '.join(BUNDLE.values())} -> {args.out}; {', '.join(PLOTS.values())} -> {args.plots} "
           f"(Q8_0 test accuracy {card['metrics']['test_q8_0']['accuracy']})")
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from src.runtime import arm64
 from src.config.schema import ParamsError, validate
-from src.stages.eval_parity import arm64_sample
+from src.parity.ladder import arm64_sample
 from testkit.project import ROOT, project_params
 
 RUNTIME = yaml.safe_load((ROOT / "runtime.yaml").read_text())

@@ -18,7 +18,7 @@ from src.config.artifacts import text_gguf, mmproj_of
 from src.quality.gates import gates
 from src.data.canvas import canvas_png, decode, to_canvas
 from src.data.demo import photo
-from src.stages.eval_parity import Row, canvas_rung, images_csv, ladder, psnr
+from src.parity.ladder import Row, canvas_rung, climb, images_csv, psnr
 from src.runtime.llama_vlm import LlamaVLM
 from src.data.files import read_jsonl
 from testkit.project import CONTRACT, run
@@ -74,7 +74,7 @@ def test_stray_space_in_the_app_prompt_fails_the_layout_rung(tiny_repo: Path) ->
     head, last = contract.prompt_for(LlamaVLM.marker()).rsplit("\n", 1)
     app_prompt = f"{head}\n {last}"  # a stray space before the prompt's last line
     conv, q8 = tiny_repo / "models/convert_gguf", tiny_repo / "models/quantize_q8"
-    metrics, _, offenders = ladder(contract, rows, tiny_repo / "data/resize256", {}, tiny_repo / "models/finetune",
+    metrics, _, offenders = climb(contract, rows, tiny_repo / "data/resize256", {}, tiny_repo / "models/finetune",
                                    (text_gguf(conv, "f16"), mmproj_of(conv)), (text_gguf(q8, "q8_0"), mmproj_of(conv)),
                                    params["eval_parity"]["n_ctx"], llama_prompt=app_prompt)
     assert metrics["layout"]["identical_rate"] == 0.0

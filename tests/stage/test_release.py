@@ -27,7 +27,9 @@ from src.runtime.grammar import gbnf
 from src.config.artifacts import BUNDLE, PLOTS
 from src.quality.plots import INVALID, per_class_accuracy
 from src.data.files import write_jsonl
-from src.stages.release import answers, card_markdown, data_counts, dvc_hashes, file_hashes, grid_rows, model_card
+from src.quality.card import card_markdown, dvc_hashes, file_hashes, model_card
+from src.quality.plots import grid_rows
+from src.stages.release import data_counts, parity_rows
 from testkit.project import CONTRACT, ROOT, project_params, run
 
 NAME = "element-classifier"
@@ -60,7 +62,7 @@ def test_grid_shows_every_mistake_first_then_each_class_in_turn() -> None:
 
 def test_answers_mark_what_is_not_a_label_invalid() -> None:
     text = f"id,canvas,truth,q8_0\na,a.png,{A},{B}\nb,b.png,{A},INVALID:'x'\n"
-    assert [r["pred"] for r in answers(text, C.labels)] == [B, INVALID]
+    assert [r["pred"] for r in parity_rows(text, C.labels)] == [B, INVALID]
 
 
 def test_file_hashes_are_those_of_the_bytes(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from src.data import demo
 from src.data.files import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256, split
-from src.stages.eval_parity import Row, images_csv
+from src.parity.ladder import Row, images_csv
+from src.quality.plots import grid_rows
 from testkit.project import CONTRACT
 
 LABELS, SPEC = CONTRACT.labels, CONTRACT.canvas
@@ -76,8 +77,8 @@ def test_per_image_csv_and_sample_grid_rows_carry_the_name() -> None:
     text = images_csv(rows, LABELS)
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert parsed[0]["name"] == "fire/beach.jpg" and parsed[0]["id"] == "folder-9129a1c0449aa13b"
-    answers = release.answers(text, LABELS)
-    assert answers == [{"id": "folder-9129a1c0449aa13b", "name": "fire/beach.jpg", "canvas": "canvases/a.png",
+    rows = release.parity_rows(text, LABELS)
+    assert rows == [{"id": "folder-9129a1c0449aa13b", "name": "fire/beach.jpg", "canvas": "canvases/a.png",
                         "truth": "fire", "pred": "water"}]
-    assert release.grid_rows(answers, LABELS, 5)[0]["name"] == "fire/beach.jpg"
-    json.dumps(answers)  # plain data: what the grid is drawn from
+    assert grid_rows(rows, LABELS, 5)[0]["name"] == "fire/beach.jpg"
+    json.dumps(rows)  # plain data: what the grid is drawn from
