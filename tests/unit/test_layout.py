@@ -308,3 +308,32 @@ def test_docs_run_stages_with_dvc_yaml_arguments_and_the_venv_python() -> None:
         assert c[c.index("-m src.stages."):] == expected[stage].split("python ", 1)[1], c
     runs_stages = [c for c in commands if re.search(r"\bdvc (repro|exp run)\b", c)]
     assert runs_stages and not [c for c in runs_stages if ".venv/bin/dvc" in c]
+
+
+def layout_map_problems(readme: str, root: Path = ROOT) -> list[str]:
+    """README's Layout names every module and subpackage of every src/ package, and only ones that exist."""
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    entries: dict[str, set[str]] = {}
+    head = ""
+    for line in block.splitlines():
+        if line.strip() and not line.startswith(" "):
+            head = line.split()[0]
+        entries.setdefault(head, set()).update(re.findall(r"(?<![\w/.-])([\w-]+(?:\.py|/))", line.removeprefix(head)))
+    problems = []
+    for pkg in sorted(p for p in (root / "src").iterdir() if (p / "__init__.py").exists() and p.name != "stages"):
+        key = f"src/{pkg.name}/"
+        named = entries.get(key, set()) | {h.removeprefix(key) for h in entries if h.startswith(key) and h != key}
+        have = {f.name for f in pkg.glob("*.py") if f.name != "__init__.py"} | {
+            f"{d.name}/" for d in pkg.iterdir() if d.is_dir() and d.name != "__pycache__"}
+        problems += [f"Layout: {key}{m} is not named" for m in sorted(have - named)]
+        problems += [f"Layout: {key}{m} does not exist" for m in sorted(named - have)]
+    return problems
+
+
+def test_the_readme_layout_names_every_module_that_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert layout_map_problems(readme) == []
+    # and it can fail: a module the map forgets, one it names that is gone
+    broken = readme.replace("· canvas.py (photo", "· kanvas.py (photo")
+    assert layout_map_problems(broken) == ["Layout: src/data/canvas.py is not named",
+                                           "Layout: src/data/kanvas.py does not exist"]
