@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import yaml
 
 from src.contract import Contract, PromptSpec
+from src.stages.resize256 import spec_key
 from tests.conftest import project_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +38,17 @@ def test_contract_json_round_trips(tmp_path: Path) -> None:
     c = Contract.from_dict(CONTRACT)
     (tmp_path / "contract.json").write_text(c.to_json())
     assert Contract.load(tmp_path / "contract.json") == c
+
+
+@pytest.mark.parametrize("params", ["tests/params.yaml", "params.yaml"])
+def test_contract_json_and_canvas_key_keep_their_bytes(params: str) -> None:
+    """contract.json (shipped) and resize256's canvas key (in its summary.json) are the params' own values: the
+    same keys, ints as ints and floats as floats, sorted, whatever classes carry them (golden: the dataclasses'
+    asdict gave exactly this)."""
+    raw = yaml.safe_load((ROOT / params).read_text())["contract"]
+    c = Contract.from_dict(raw)
+    assert c.to_json() == json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    assert spec_key(c.canvas) == hashlib.sha256(json.dumps(raw["canvas"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_generation_is_greedy_and_bounded() -> None:
