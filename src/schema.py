@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from src.contract import Alpha, Exif, Resample
-from src.teacher.request import Detail, MaxTokensField, Mode, ResponseFormat
+from src.settings import Detail, MaxTokensField, Mode, ResponseFormat
 
 Rate = Annotated[float, Field(ge=0, le=1)]
 Pos = Annotated[int, Field(gt=0)]

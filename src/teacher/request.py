@@ -33,14 +33,11 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
+
+from src.settings import Detail, MaxTokensField, Mode, ResponseFormat
 
 SCHEMA_NAME = "element_label"
-# The teacher's enums, stated once: TeacherConfig's fields and the params schema (src/schema.py) use these.
-Mode = Literal["online", "batch"]
-Detail = Literal["low", "high", "auto"]
-ResponseFormat = Literal["json_schema", "json_object", "json_schema_bounded"]
-MaxTokensField = Literal["max_completion_tokens", "max_tokens"]
 RESPONSE_FORMATS: tuple[str, ...] = get_args(ResponseFormat)
 # The forms whose schema bounds `reason` (`reason_bound`), and which servers each suits (README: Teacher servers).
 BOUNDED_FORMS = ("json_object", "json_schema_bounded")
