@@ -20,10 +20,10 @@ import numpy as np
 from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
 from src import label_queue, vlm
-from src.contract import Contract, VisionSpec
+from src.contract import Contract, Vision
 
 
-def encode_s(c: Contract, n: int, spec: vlm.BuilderSpec, vision: VisionSpec, batch: int) -> tuple[float, np.ndarray]:
+def encode_s(c: Contract, n: int, spec: vlm.BuilderSpec, vision: Vision, batch: int) -> tuple[float, np.ndarray]:
     """(seconds per photo, features) of the queue's feature pass over n demo canvases on a `spec` base."""
     model, processor = vlm.build(spec, vision)
     vlm.configure(model, processor, vision, c.target)

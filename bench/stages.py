@@ -24,7 +24,7 @@ import torch
 from bench.common import ROOT, demo_canvases, params, timed
 from src import vlm
 from src.canvas import canvas_png
-from src.contract import Contract, VisionSpec
+from src.contract import Contract, Vision
 
 # -- resize --------------------------------------------------------------------------------------
 
@@ -79,7 +79,7 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
 # -- finetune ------------------------------------------------------------------------------------
 
 def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | None = None,
-                   vision: VisionSpec | None = None) -> dict[str, Any]:
+                   vision: Vision | None = None) -> dict[str, Any]:
     """Seconds per epoch over n canvases with the encoder in every step vs cached once (same model, same LoRA).
 
     Default: the demo's builder model. `spec`/`vision` give another size, e.g. SmolVLM-256M's shapes.

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from src import geometry, vlm
-from src.contract import TargetSpec, VisionSpec
+from src.contract import Target, Vision
 from src.schema import BaseSource, commit_hint, is_commit
 
 SOURCES: tuple[str, ...] = get_args(BaseSource)
@@ -31,7 +31,7 @@ def pinned_revision(hub_id: str, revision: str) -> str:
     return revision
 
 
-def source_model(base: dict[str, Any], vision: VisionSpec) -> tuple[Any, Any]:
+def source_model(base: dict[str, Any], vision: Vision) -> tuple[Any, Any]:
     """The base as its source gives it, before any fitting."""
     source = base["source"]
     if source == "builder":  # built at the contract's tile: nothing to re-tile
@@ -48,7 +48,7 @@ def source_model(base: dict[str, Any], vision: VisionSpec) -> tuple[Any, Any]:
     raise SystemExit(f"base.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-def fit(model: Any, processor: Any, vision: VisionSpec, target: TargetSpec) -> dict[str, Any]:
+def fit(model: Any, processor: Any, vision: Vision, target: Target) -> dict[str, Any]:
     """Re-tile to the contract's tile if needed, then configure; returns what was done, for base.json."""
     native = model.config.vision_config.image_size
     if native != vision.tile:
@@ -58,7 +58,7 @@ def fit(model: Any, processor: Any, vision: VisionSpec, target: TargetSpec) -> d
             "retiled": native != vision.tile, "image_seq_len": vlm.image_seq_len(model)}
 
 
-def fitted(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> tuple[Any, Any, dict[str, Any]]:
+def fitted(base: dict[str, Any], vision: Vision, target: Target) -> tuple[Any, Any, dict[str, Any]]:
     """The base model exactly as finetune starts from it, and a record of how it was made."""
     model, processor = source_model(base, vision)
     info = fit(model, processor, vision, target)

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
 
 from src import answers
-from src.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
+from src.contract import Generation, Prompt, Target, Vision
 from src.geometry import tokens_per_tile
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
@@ -133,7 +133,7 @@ def smollm2_tokenizer() -> Any:
     return copy.deepcopy(_smollm2_tokenizer())
 
 
-def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
+def build(spec: BuilderSpec, vision: Vision) -> tuple[PreTrainedModel, Idefics3Processor]:
     """A randomly initialised SmolVLM (Idefics3 architecture), deterministic in `spec.seed`."""
     vis = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
@@ -225,7 +225,7 @@ def image_seq_len(model: PreTrainedModel) -> int:
     return tokens_per_tile(v.image_size, v.patch_size, model.config.scale_factor)
 
 
-def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: VisionSpec, target: TargetSpec) -> None:
+def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: Vision, target: Target) -> None:
     """Write the contract's geometry and EOS into the configs that conversion reads."""
     if model.config.vision_config.image_size != vision.tile:
         raise ValueError(f"contract.vision.tile={vision.tile} but the base vision encoder takes "
@@ -261,19 +261,19 @@ def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> Non
         raise RuntimeError(f"{out}/config.json lost text_config.architectures")
 
 
-def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
+def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: Target) -> list[int]:
     """One token per label (`prefix + label`) in the transformers tokenizer; see answers.label_token_ids."""
     return answers.label_token_ids(lambda text: tokenizer(text, add_special_tokens=False).input_ids, labels, target)
 
 
-def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],
+def prompt_inputs(processor: Idefics3Processor, prompt: Prompt, labels: tuple[str, ...],
                   canvas: Image.Image) -> dict[str, torch.Tensor]:
     """The model inputs for one canvas, exactly as eval_parity and training see them."""
     text = prompt.render(HF_IMAGE_TOKEN, labels)
     return dict(processor(text=[text], images=[[canvas.convert("RGB")]], return_tensors="pt"))
 
 
-def training_example(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...], target: TargetSpec,
+def training_example(processor: Idefics3Processor, prompt: Prompt, labels: tuple[str, ...], target: Target,
                      canvas: Image.Image, label: str) -> dict[str, torch.Tensor]:
     """Prompt + `prefix label` + EOS; loss labels are -100 everywhere but the answer tokens."""
     inputs = prompt_inputs(processor, prompt, labels, canvas)
@@ -309,7 +309,7 @@ def first_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tor
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, processor: Idefics3Processor, inputs: dict[str, torch.Tensor],
-             gen: GenerationSpec, stop_ids: list[int] | None = None) -> tuple[str, list[int], bool]:
+             gen: Generation, stop_ids: list[int] | None = None) -> tuple[str, list[int], bool]:
     """Decoding as the contract says; returns (text, new token ids, stopped at a stop token).
 
     `stop_ids`: the tokens that end generation, by default the generation config's EOS. eval_parity

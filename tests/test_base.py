@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from src import bases, vlm
-from src.contract import Contract, VisionSpec
+from src.contract import Contract, Vision
 from tests.conftest import ROOT, make_repo, project_params, run, set_param
 
 C = Contract.from_dict(project_params()["contract"])
@@ -59,10 +59,10 @@ def test_empty_local_dir_and_unknown_source_are_one_line_errors() -> None:
 
 def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     """A base saved at one tile (the hub's layout) comes out at the contract's tile, configured."""
-    model, processor = vlm.build(TINY, VisionSpec(tile=64, longest_edge=128))
+    model, processor = vlm.build(TINY, Vision(tile=64, longest_edge=128))
     model.save_pretrained(tmp_path / "hub", safe_serialization=True)
     processor.save_pretrained(tmp_path / "hub")
-    vision, target = VisionSpec(tile=32, longest_edge=64), C.target
+    vision, target = Vision(tile=32, longest_edge=64), C.target
     got, proc, info = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")), vision, target)
     assert info["native_tile"] == 64 and info["tile"] == 32 and info["retiled"] is True
     assert got.config.vision_config.image_size == 32
@@ -72,7 +72,7 @@ def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     assert info["image_seq_len"] == proc.image_seq_len == (32 // TINY.patch // TINY.scale_factor) ** 2
     # a base already at the contract's tile is not touched
     _, _, same = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")),
-                              VisionSpec(tile=64, longest_edge=128), target)
+                              Vision(tile=64, longest_edge=128), target)
     assert same["retiled"] is False
 
 
@@ -145,7 +145,7 @@ def test_real_size_local_directory_runs_end_to_end(tmp_path: Path) -> None:
     """The way a user with the hub model will run it: a directory in the hub's layout at 512 px tiles,
     re-tiled to 256 by the base stage, then finetune, convert, quantize, eval_parity (its gates) and release."""
     model, processor = vlm.build_smollm2(seed=0)
-    vlm.configure(model, processor, VisionSpec(tile=512, longest_edge=2048), C.target)  # the stock geometry
+    vlm.configure(model, processor, Vision(tile=512, longest_edge=2048), C.target)  # the stock geometry
     hub = tmp_path / "SmolVLM-256M-layout"
     model.save_pretrained(hub, safe_serialization=True)
     processor.save_pretrained(hub)

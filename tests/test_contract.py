@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from src.contract import Contract, PromptSpec
+from src.contract import LABELS, Contract, Prompt
 from src.stages.resize256 import spec_key
 from tests.conftest import project_params
 
@@ -30,8 +31,21 @@ def test_prompt_renders_the_app_string_with_each_runtime_marker() -> None:
 
 @pytest.mark.parametrize("template", ["no image here", "{image}{image} twice"])
 def test_template_must_hold_the_image_slot_once(template: str) -> None:
-    with pytest.raises(ValueError, match="exactly once"):
-        PromptSpec(template=template, chat_template=False).render("<image>", ("a",))
+    """A prompt that breaks the rule cannot be constructed: render never sees one."""
+    with pytest.raises(ValidationError, match="exactly once"):
+        Prompt(template=template, chat_template=False)
+    with pytest.raises(ValidationError, match="exactly once"):
+        Contract.from_dict({**CONTRACT, "prompt": {"template": template, "chat_template": False}})
+
+
+def test_labels_repeat_is_refused_once_for_both_ways_in() -> None:
+    """The contract and a stage that declares only contract.labels check the labels by one rule."""
+    twice = [CONTRACT["labels"][0]] * 2
+    with pytest.raises(ValidationError, match="labels repeat"):
+        Contract.from_dict({**CONTRACT, "labels": twice})
+    with pytest.raises(ValidationError, match="labels repeat"):
+        LABELS.validate_python(twice)
+    assert LABELS.validate_python(CONTRACT["labels"]) == Contract.from_dict(CONTRACT).labels == tuple(CONTRACT["labels"])
 
 
 def test_contract_json_round_trips(tmp_path: Path) -> None:

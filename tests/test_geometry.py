@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from src import geometry, vlm
-from src.contract import Contract, VisionSpec
+from src.contract import Contract, Vision
 from src.llama_build import convert
 from src.llama_runtime import LlamaVLM, expand
 from tests.conftest import TINY_MODEL, project_params
@@ -20,7 +20,7 @@ from tests.conftest import TINY_MODEL, project_params
 C = Contract.from_dict(project_params()["contract"])
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
 TINY = vlm.BuilderSpec(**TINY_MODEL)
-OLD, NEW = VisionSpec(tile=128, longest_edge=256), VisionSpec(tile=64, longest_edge=128)
+OLD, NEW = Vision(tile=128, longest_edge=256), Vision(tile=64, longest_edge=128)
 
 
 def canvas(seed: int) -> Image.Image:

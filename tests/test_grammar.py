@@ -15,7 +15,7 @@ import yaml
 
 import llama_cpp
 
-from src.contract import Contract, TargetSpec
+from src.contract import Contract, Target
 from src.grammar import Constraint, GrammarError, admits, gbnf, literal
 from src.llama_runtime import silence
 from tests.conftest import project_params
@@ -90,7 +90,7 @@ def test_admits_exactly_the_labels_then_eos(vocab: llama_cpp.Llama) -> None:
 
 
 def test_prefix_and_odd_labels_follow_the_target_spec(vocab: llama_cpp.Llama) -> None:
-    g = gbnf(('say "hi"', "back\\slash"), TargetSpec("", TARGET.eos))
+    g = gbnf(('say "hi"', "back\\slash"), Target(prefix="", eos=TARGET.eos))
     assert accepts(vocab, g, 'say "hi"') and accepts(vocab, g, "back\\slash")
     assert not accepts(vocab, g, ' say "hi"')
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from src import vlm
-from src.contract import Contract, VisionSpec
+from src.contract import Contract, Vision
 from tests.conftest import project_params
 
 C = Contract.from_dict(project_params()["contract"])
@@ -75,7 +75,7 @@ def test_configure_writes_geometry_and_eos_that_survive_saving(tiny: tuple[Any, 
 def test_a_tile_the_encoder_does_not_take_is_refused(tiny: tuple[Any, Any]) -> None:
     model, processor = tiny
     with pytest.raises(ValueError, match="tile"):
-        vlm.configure(model, processor, VisionSpec(tile=C.vision.tile * 2, longest_edge=C.vision.longest_edge), C.target)
+        vlm.configure(model, processor, Vision.model_construct(tile=C.vision.tile * 2, longest_edge=C.vision.longest_edge), C.target)
 
 
 def test_cached_features_give_the_same_loss(tiny: tuple[Any, Any]) -> None:

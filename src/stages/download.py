@@ -50,7 +50,7 @@ import urllib3
 from PIL import Image
 from tqdm import tqdm
 
-from src.contract import labels_of
+from src.contract import LABELS
 from src.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
@@ -346,7 +346,7 @@ def main() -> None:
     p = stage_params("download")
     d = p["download"]
     try:
-        items = items_from_params(d, labels_of(p["contract"]))
+        items = items_from_params(d, LABELS.validate_python(p["contract"]["labels"]))
     except SourceError as e:
         print(f"params.yaml: {e}" if str(e).startswith("download.") else str(e), file=sys.stderr)
         raise SystemExit(2) from None

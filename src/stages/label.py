@@ -49,7 +49,7 @@ from typing import Any
 
 from src import label_queue
 from src.audit import audit_html
-from src.contract import labels_of
+from src.contract import LABELS
 from src.label_cache import AnswerCache
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
@@ -199,7 +199,7 @@ def review_queue(labelled: list[dict[str, Any]], resize256: Path, base: Path, ca
 
     Too few photos to hold any out (one class, a class of one photo) is no queue, said on the console and in
     the metrics: the queue advises, so the labels still stand (split judges whether they are enough)."""
-    labels = labels_of(p["contract"])
+    labels = LABELS.validate_python(p["contract"]["labels"])
     q = label_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
     why = label_queue.cannot_hold_out([r["element"] for r in ok], labels)
@@ -217,7 +217,7 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
 
     Without `base` (a unit test's labels alone) there is no review queue: the audit page lists by class.
     """
-    labels = labels_of(p["contract"])
+    labels = LABELS.validate_python(p["contract"]["labels"])
     lp = p["label"]
     if lp["provider"] not in PROVIDERS:
         raise SystemExit(f"label.provider={lp['provider']!r}: unknown provider (known: {', '.join(PROVIDERS)})")

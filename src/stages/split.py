@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.contract import labels_of
+from src.contract import LABELS
 from src.params import stage_params
 from src.records import read_jsonl, write_jsonl
 
@@ -100,7 +100,7 @@ def split_stage(label: Path, out: Path, p: dict[str, Any]) -> dict[str, int]:
     s = p["split"]
     rows = [r for r in read_jsonl(label / "labels.jsonl") if r["status"] == "ok"]
     parts = split(rows, s["seed"], s["val"], s["test"])
-    refusal = sufficiency(counts(parts, labels_of(p["contract"])), s["val"], s["test"], s["min_per_class"])
+    refusal = sufficiency(counts(parts, LABELS.validate_python(p["contract"]["labels"])), s["val"], s["test"], s["min_per_class"])
     if refusal:
         raise SystemExit(refusal)
     keep = ("id", "canvas", "canvas_sha256", "element")
