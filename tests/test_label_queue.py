@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from src import demo, label_queue, vlm
+from src.artifacts import SPLITS
 from src.records import read_jsonl
 from src.stages.label import label_stage, match_overrides, read_overrides
 from tests.conftest import TINY, make_repo, params_for, run
@@ -264,7 +265,7 @@ def test_an_override_by_file_name_relabels_the_photo_and_reruns_only_label_and_a
     labels = {r["name"]: r for r in read_jsonl(repo / "data/label/labels.jsonl")}
     assert labels[top["name"]]["element"] == top["guess"] != top["label"]
     assert labels[top["name"]]["provider"] == "override"
-    split = [r for s in ("train", "val", "test") for r in read_jsonl(repo / f"data/split/{s}.jsonl")]
+    split = [r for s in SPLITS for r in read_jsonl(repo / f"data/split/{s}.jsonl")]
     assert next(r["element"] for r in split if r["name"] == top["name"]) == top["guess"]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)["metrics/label.json"]
     assert diff["overrides_applied"] == {"old": 0, "new": 1, "diff": 1}

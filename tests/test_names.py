@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 from src import demo
+from src.artifacts import SPLITS
 from src.records import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256, split
 from src.stages.eval_parity import Row, images_csv
@@ -60,7 +61,7 @@ def test_name_travels_from_the_manifest_to_the_split_rows(tmp_path: Path) -> Non
     assert {r["id"]: r["name"] for r in read_jsonl(rs / "records.jsonl")} == expected
     html = (tmp_path / "label" / "audit.html").read_text()
     assert "example.org/photos/0.jpg" in html and "IMG_0001.jpg" in html
-    rows = [r for part in ("train", "val", "test") for r in read_jsonl(sp / f"{part}.jsonl")]
+    rows = [r for part in SPLITS for r in read_jsonl(sp / f"{part}.jsonl")]
     assert len(rows) == N and all(r["name"] == expected[r["id"]] for r in rows)
     assert any(r["name"].startswith("https://") for r in rows) and any(r["name"].endswith(".jpg") for r in rows)
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from src.artifacts import SPLITS
 from src.records import read_jsonl, write_jsonl
-from src.stages.split import PARTS, split, split_stage
+from src.stages.split import split, split_stage
 
 LABELS = ("water", "land", "fire", "wood", "metal")
 
@@ -36,7 +37,7 @@ def test_every_row_lands_once_and_each_class_is_cut_in_proportion() -> None:
     assert sorted(r["id"] for p in parts.values() for r in p) == sorted(r["id"] for r in rows)
     for name, share in (("test", 0.15), ("val", 0.15)):
         assert Counter(r["element"] for r in parts[name]) == {label: round(40 * share) for label in LABELS}
-    assert all(parts[k] == sorted(parts[k], key=lambda r: r["id"]) for k in PARTS)
+    assert all(parts[k] == sorted(parts[k], key=lambda r: r["id"]) for k in SPLITS)
 
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another() -> None:
