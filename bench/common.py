@@ -15,6 +15,7 @@ from src import demo, vlm
 from src.canvas import decode, to_canvas
 from src.contract import Contract
 from src.params import ROOT
+from src.settings import Builder
 
 # Big files (a 1 GB random SmolVLM-256M and its GGUFs) go here: gitignored, outside the tracked tree.
 CACHE = ROOT / ".cache" / "bench"
@@ -23,7 +24,7 @@ OUT = ROOT / "bench" / "out"
 # SmolVLM-256M's pixel shuffle (its shapes live in src/vlm.py: SMOLVLM_256M_*).
 STOCK_SCALE = vlm.SMOLVLM_256M_SCALE
 # The same shapes for the offline builder (its intermediates are 2 x hidden: a little lighter than SigLIP's 4 x).
-SMOLVLM_256M_SHAPES = vlm.BuilderSpec(vision_hidden=768, vision_layers=12, vision_heads=12, patch=16, scale_factor=4,
+SMOLVLM_256M_SHAPES = Builder(vision_hidden=768, vision_layers=12, vision_heads=12, patch=16, scale_factor=4,
                                       text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, seed=0)
 STOCK_LONGEST_EDGE = 2048
 

@@ -21,9 +21,10 @@ from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
 from src import label_queue, vlm
 from src.contract import Contract, Vision
+from src.settings import Builder
 
 
-def encode_s(c: Contract, n: int, spec: vlm.BuilderSpec, vision: Vision, batch: int) -> tuple[float, np.ndarray]:
+def encode_s(c: Contract, n: int, spec: Builder, vision: Vision, batch: int) -> tuple[float, np.ndarray]:
     """(seconds per photo, features) of the queue's feature pass over n demo canvases on a `spec` base."""
     model, processor = vlm.build(spec, vision)
     vlm.configure(model, processor, vision, c.target)
@@ -49,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     c, p = contract(), params()
     q = label_queue.QueueParams(**p["label"]["queue"])
-    demo_spec = vlm.BuilderSpec(**p["base"]["builder"])
+    demo_spec = Builder.model_validate(p["base"]["builder"])
     print(f"finetune epoch on {args.n} demo canvases (baseline) ...", flush=True)
     ft = stages.finetune_epoch(c, args.n, 1)
     print("finetune epoch at SmolVLM-256M shapes on 4 canvases (the real-size baseline, per photo) ...", flush=True)

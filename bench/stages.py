@@ -25,6 +25,7 @@ from bench.common import ROOT, demo_canvases, params, timed
 from src import vlm
 from src.canvas import canvas_png
 from src.contract import Contract, Vision
+from src.settings import Builder
 
 # -- resize --------------------------------------------------------------------------------------
 
@@ -78,7 +79,7 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
 
 # -- finetune ------------------------------------------------------------------------------------
 
-def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | None = None,
+def finetune_epoch(c: Contract, n: int, epochs: int, spec: Builder | None = None,
                    vision: Vision | None = None) -> dict[str, Any]:
     """Seconds per epoch over n canvases with the encoder in every step vs cached once (same model, same LoRA).
 
@@ -88,7 +89,7 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: vlm.BuilderSpec | Non
 
     p = params()["finetune"]
     vision = vision or c.vision
-    model, processor = vlm.build(spec or vlm.BuilderSpec(**params()["base"]["builder"]), vision)
+    model, processor = vlm.build(spec or Builder.model_validate(params()["base"]["builder"]), vision)
     vlm.configure(model, processor, vision, c.target)
     label_ids = vlm.label_token_ids(processor.tokenizer, c.labels, c.target)
     exs = [Example(str(i), lab, vlm.training_example(processor, c.prompt, c.labels, c.target, canvas, lab))

@@ -19,6 +19,7 @@ from typing import Any, get_args
 from src import geometry, vlm
 from src.contract import Target, Vision
 from src.schema import BaseSource, commit_hint, is_commit
+from src.settings import Builder
 
 SOURCES: tuple[str, ...] = get_args(BaseSource)
 
@@ -35,7 +36,7 @@ def source_model(base: dict[str, Any], vision: Vision) -> tuple[Any, Any]:
     """The base as its source gives it, before any fitting."""
     source = base["source"]
     if source == "builder":  # built at the contract's tile: nothing to re-tile
-        return vlm.build(vlm.BuilderSpec(**base["builder"]), vision)
+        return vlm.build(Builder.model_validate(base["builder"]), vision)
     if source == "smollm2":
         return vlm.build_smollm2(base["smollm2"]["seed"])
     if source == "hub":

@@ -22,11 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from src.contract import Contract, NonNeg, NonNegF, Pos, PosF, Section, Text, rule
-from src.settings import Detail, MaxTokensField, Mode, ResponseFormat
+from src.settings import Builder, Http, Label, Rate
 
-Rate = Annotated[float, Field(ge=0, le=1)]
 SHA = re.compile(r"[0-9a-f]{40}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # base.source's values: src/bases.py builds each one
 BaseSource = Literal["builder", "smollm2", "hub", "local"]
 
@@ -78,16 +76,6 @@ class Hf(Section):
     label_column: str
 
 
-class Http(Section):
-    workers: Annotated[int, Field(ge=1, le=64)]
-    timeout_s: PosF
-    retries: Annotated[int, Field(ge=0, le=10)]
-    backoff_s: NonNegF
-    max_bytes: Pos
-    user_agent: Text
-    snapshot: str
-
-
 class Download(Section):
     source: Literal["demo", "manifest", "folder", "hf"]
     demo: Demo
@@ -124,60 +112,7 @@ class Resize256(Section):
     workers: NonNeg
 
 
-# ---- label ---------------------------------------------------------------------------------------
-
-class Teacher(Section):
-    base_url: Annotated[str, Field(pattern=r"^https?://\S+$")]
-    model: Text
-    api_key_env: Text
-    detail: Detail
-    max_tokens: Pos
-    max_tokens_field: MaxTokensField
-    response_format: ResponseFormat
-    temperature: NonNegF | None
-    timeout_s: PosF
-    mode: Mode
-    prompt: Text
-
-    @model_validator(mode="after")
-    def env_name(self) -> Teacher:
-        if not ENV_NAME.fullmatch(self.api_key_env):
-            # the key itself must never sit in params.yaml: this holds the variable's name
-            raise rule("api_key_env", "<hidden>", "not an environment variable name (is it the key itself?)",
-                       "the NAME of the variable that holds the key, e.g. OPENAI_API_KEY")
-        return self
-
-
-class Batch(Section):
-    poll_s: PosF
-    wait_s: NonNegF
-
-
-class Price(Section):
-    input_per_1m: NonNegF
-    output_per_1m: NonNegF
-    batch_discount: Rate
-
-
-class Queue(Section):
-    folds: Annotated[int, Field(ge=2, le=50)]
-    seed: int
-    C: PosF
-    batch_size: Pos
-
-
-class Label(Section):
-    provider: Literal["manifest", "teacher"]
-    max_failure_rate: Rate
-    concurrency: Annotated[int, Field(ge=1, le=1000)]
-    max_attempts: Annotated[int, Field(ge=1, le=20)]
-    answer_attempts: Annotated[int, Field(ge=1, le=10)]
-    backoff_s: NonNegF
-    teacher: Teacher
-    batch: Batch
-    price: Price
-    queue: Queue
-
+# ---- label: src/settings.py Label (the teacher code receives it)
 
 # ---- split ---------------------------------------------------------------------------------------
 
@@ -196,30 +131,6 @@ class Split(Section):
 
 
 # ---- model ---------------------------------------------------------------------------------------
-
-class Builder(Section):
-    vision_hidden: Pos
-    vision_layers: Pos
-    vision_heads: Pos
-    patch: Pos
-    scale_factor: Pos
-    text_hidden: Pos
-    text_layers: Pos
-    text_heads: Pos
-    text_kv_heads: Pos
-    seed: int
-
-    @model_validator(mode="after")
-    def heads_divide(self) -> Builder:
-        for hidden, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
-            if getattr(self, hidden) % getattr(self, heads):
-                raise rule(heads, getattr(self, heads), f"does not divide {hidden} = {getattr(self, hidden)}",
-                           f"a divisor of {getattr(self, hidden)}")
-        if self.text_heads % self.text_kv_heads:
-            raise rule("text_kv_heads", self.text_kv_heads, f"does not divide text_heads = {self.text_heads}",
-                       f"a divisor of {self.text_heads}")
-        return self
-
 
 class Smollm2(Section):
     seed: int

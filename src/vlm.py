@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 from src import answers
 from src.contract import Generation, Prompt, Target, Vision
 from src.geometry import tokens_per_tile
+from src.settings import Builder
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
 IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [
@@ -57,22 +57,6 @@ SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_l
 SMOLVLM_256M_TEXT = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3)
 SMOLVLM_256M_SCALE = 4
-
-
-@dataclass(frozen=True)
-class BuilderSpec:
-    """Sizes of the offline SmolVLM; tiny in tests, small in the demo."""
-
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    patch: int
-    scale_factor: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    seed: int
 
 
 def smollm2_gguf() -> Path:
@@ -133,7 +117,7 @@ def smollm2_tokenizer() -> Any:
     return copy.deepcopy(_smollm2_tokenizer())
 
 
-def build(spec: BuilderSpec, vision: Vision) -> tuple[PreTrainedModel, Idefics3Processor]:
+def build(spec: Builder, vision: Vision) -> tuple[PreTrainedModel, Idefics3Processor]:
     """A randomly initialised SmolVLM (Idefics3 architecture), deterministic in `spec.seed`."""
     vis = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,

@@ -45,7 +45,7 @@ TINY = {
 }
 
 
-# The SmolVLM every test builds in-process (vlm.BuilderSpec fields; as a dict, so importing this file
+# The SmolVLM every test builds in-process (Builder fields; as a dict, so importing this file
 # does not import transformers): the smallest model the demo geometry (contract.vision) takes.
 TINY_MODEL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "patch": 8, "scale_factor": 2,
               "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "seed": 0}
@@ -184,9 +184,10 @@ def tiny_model() -> tuple[Any, Any]:
     """
     from src import vlm
     from src.contract import Contract
+    from src.settings import Builder
 
     c = Contract.from_dict(project_params()["contract"])
-    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    model, processor = vlm.build(Builder.model_validate(TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
     return model, processor
 

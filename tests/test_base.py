@@ -13,10 +13,11 @@ import yaml
 
 from src import bases, vlm
 from src.contract import Contract, Vision
+from src.settings import Builder
 from tests.conftest import ROOT, make_repo, project_params, run, set_param
 
 C = Contract.from_dict(project_params()["contract"])
-TINY = vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
+TINY = Builder(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # The real-size profile, as the README's `dvc exp run` states it (a test below keeps the two equal).

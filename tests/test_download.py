@@ -14,7 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.stages.download import HttpConfig, run
+from src.stages.download import run
+from src.settings import Http
 from src.records import read_jsonl, sha256
 from src.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
 from tests.conftest import kill_midway, make_repo
@@ -23,7 +24,7 @@ from tests.http_server import LoopbackServer, Route, drip, flaky, no_length, ok,
 
 ROOT = Path(__file__).resolve().parent.parent
 # A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
-FAST = HttpConfig(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",
+FAST = Http(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",
                   snapshot="s1")
 
 
@@ -145,10 +146,11 @@ def test_failure_gate_passes_below_and_stops_above_with_a_clear_message(tmp_path
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from src.stages.download import HttpConfig, run
+from src.stages.download import run
+from src.settings import Http
 from src.sources import manifest_items
 out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
+cfg = Http(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
 run(manifest_items(manifest), out, out.parent / (out.name + ".json"), cfg, 1.0)
 """
 

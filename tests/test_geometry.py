@@ -15,11 +15,12 @@ from src import geometry, vlm
 from src.contract import Contract, Vision
 from src.llama_build import convert
 from src.llama_runtime import LlamaVLM, expand
+from src.settings import Builder
 from tests.conftest import TINY_MODEL, project_params
 
 C = Contract.from_dict(project_params()["contract"])
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
-TINY = vlm.BuilderSpec(**TINY_MODEL)
+TINY = Builder.model_validate(TINY_MODEL)
 OLD, NEW = Vision(tile=128, longest_edge=256), Vision(tile=64, longest_edge=128)
 
 

@@ -642,13 +642,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from src import vlm
     from src.contract import Contract
     from src.llama_build import convert
+    from src.settings import Builder
     from src.stages.quantize_q8 import quantize
     from tests.conftest import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
     params_yaml = project_params()
     c = Contract.from_dict(params_yaml["contract"])
-    model, processor = vlm.build(vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    model, processor = vlm.build(Builder.model_validate(TINY_MODEL), c.vision)
     vlm.configure(model, processor, c.vision, c.target)
     vlm.save(model, processor, tmp / "hf")
     # the release's path: f32, then llama.cpp's Q8_0 quantiser; the mmproj in the release's outtype

@@ -17,13 +17,14 @@ from src.stages import download, resize256
 from src.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
 from src.contract import Canvas, Contract
 from src.records import read_jsonl, sha256
+from src.settings import Http
 from src.sources import folder_items
 from tests.conftest import kill_midway
 from tests.test_download import png_header_only, tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = Contract.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["contract"]).canvas
-CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
+CFG = Http(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
 
 
 def save(img: Image.Image, fmt: str, **kw: object) -> bytes:

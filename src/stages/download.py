@@ -55,6 +55,7 @@ from src.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
 from src.params import stage_params
 from src.records import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.report import name_refused
+from src.settings import Http
 from src.sources import Item, SourceError, items_from_params
 
 SCHEMES = ("http", "https")
@@ -62,17 +63,6 @@ MAX_REDIRECTS = 5
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 JOURNAL = "journal.jsonl"
 MANIFEST = "manifest.jsonl"
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    workers: int
-    timeout_s: float  # per attempt, whole response: a slow-dripping host cannot hold a worker forever
-    retries: int
-    backoff_s: float
-    max_bytes: int
-    user_agent: str
-    snapshot: str  # the URL refresh policy: see the module docstring
 
 
 class FetchError(Exception):
@@ -106,7 +96,7 @@ def check_scheme(url: str, via: str | None = None) -> None:
 _local = threading.local()
 
 
-def _session(cfg: HttpConfig) -> requests.Session:
+def _session(cfg: Http) -> requests.Session:
     """One Session per worker thread (Sessions are not thread-safe), reusing connections per host."""
     if getattr(_local, "session", None) is None:
         s = requests.Session()
@@ -123,7 +113,7 @@ class Fetched:
     last_modified: str | None
 
 
-def _get_once(url: str, cfg: HttpConfig, validators: dict[str, str]) -> Fetched:
+def _get_once(url: str, cfg: Http, validators: dict[str, str]) -> Fetched:
     """One attempt: follow redirects by hand (each hop's scheme is checked), stream under the caps."""
     deadline = time.monotonic() + cfg.timeout_s
     via = None
@@ -175,7 +165,7 @@ def _get_once(url: str, cfg: HttpConfig, validators: dict[str, str]) -> Fetched:
     raise FetchError("redirect", f"more than {MAX_REDIRECTS} redirects")
 
 
-def fetch(url: str, cfg: HttpConfig, validators: dict[str, str] | None = None) -> Fetched:
+def fetch(url: str, cfg: Http, validators: dict[str, str] | None = None) -> Fetched:
     """`url`'s body, retrying transient failures with exponential backoff; else FetchError.
 
     With `validators` (If-None-Match / If-Modified-Since) a 304 answers `Fetched(None, ...)`.
@@ -233,7 +223,7 @@ def stored(row: dict[str, Any] | None, out: Path) -> bool:
     return bool(row) and row.get("status") == "ok" and bool(row.get("path")) and (out / row["path"]).exists()
 
 
-def get_item(item: Item, out: Path, cfg: HttpConfig, earlier: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+def get_item(item: Item, out: Path, cfg: Http, earlier: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
     """(record, what it cost: fetched | decoded | revalidated | unchanged). Never raises for a bad item:
     a failed item is a failed record naming the photo and the cause."""
     try:
@@ -285,7 +275,7 @@ def summarize(records: list[dict[str, Any]], max_failure_rate: float) -> dict[st
             "formats": dict(sorted(Counter(r["format"] for r in ok).items()))}
 
 
-def run(items: list[Item], out: Path, metrics: Path, cfg: HttpConfig, max_failure_rate: float) -> dict[str, Any]:
+def run(items: list[Item], out: Path, metrics: Path, cfg: Http, max_failure_rate: float) -> dict[str, Any]:
     """Fetch or read what changed, write manifest + metrics; raise SystemExit above the failure gate."""
     out.mkdir(parents=True, exist_ok=True)
     previous = read_jsonl(out / MANIFEST)
@@ -350,7 +340,7 @@ def main() -> None:
     except SourceError as e:
         print(f"params.yaml: {e}" if str(e).startswith("download.") else str(e), file=sys.stderr)
         raise SystemExit(2) from None
-    run(items, args.out, args.metrics, HttpConfig(**d["http"]), d["max_failure_rate"])
+    run(items, args.out, args.metrics, Http.model_validate(d["http"]), d["max_failure_rate"])
 
 
 if __name__ == "__main__":
