@@ -45,7 +45,8 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
     fixed latency per chat request), same items."""
     from src.label_cache import AnswerCache
     from src.teacher.client import teach
-    from src.teacher.request import Item, TeacherConfig
+    from src.settings import Label
+    from src.teacher.request import Item
     from tests.openai_server import FakeOpenAI
 
     key = "sk-loopback"  # a dummy for the loopback server
@@ -62,7 +63,7 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
             for w in workers:
                 lp = {**base, "concurrency": w, "teacher": {**base["teacher"], "base_url": server.base_url,
                                                             "api_key_env": "BENCH_TEACHER_KEY", "mode": "online"}}
-                cfg = TeacherConfig.from_params(lp)
+                cfg = Label.model_validate(lp)
                 items = [Item(f"{w}-{i}", f"{i}", pngs[i % len(pngs)]) for i in range(n)]
                 (tmp / f"cache-{w}").mkdir(exist_ok=True)
                 cache = AnswerCache(tmp / f"cache-{w}")

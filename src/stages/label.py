@@ -54,13 +54,13 @@ from src.label_cache import AnswerCache
 from src.params import stage_params
 from src.records import read_jsonl, write_json, write_jsonl, write_text_atomic
 from src.report import name_refused
+from src.settings import Label
 from src.teacher.client import teach
 from src.teacher.request import (
     BOUNDED_FORMS,
     BatchPending,
     Item,
     Tally,
-    TeacherConfig,
     TeacherFatal,
     cache_key,
     reason_bound,
@@ -146,7 +146,7 @@ def from_manifest(row: dict[str, Any], labels: tuple[str, ...]) -> dict[str, Any
     return {**base, "status": "ok", "element": label, "error": None}
 
 
-def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, ...], cfg: TeacherConfig,
+def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, ...], cfg: Label,
                  cache_dir: Path, skip: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Label rows from the cache, asking the teacher once per distinct uncached canvas (not those in `skip`)."""
     cache = AnswerCache(cache_dir)
@@ -165,7 +165,7 @@ def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str,
             error = errors.get(keys[r["canvas_sha256"]], "not asked (overridden)")
             out.append({**_base(r, "teacher"), "status": "failed", "element": None, "error": error, "reason": None})
     used = {keys[r["canvas_sha256"]] for r in rows}
-    stats = {"model": cfg.model, "mode": cfg.mode, "unique_canvases": len(wanted), "cache_hits": hits,
+    stats = {"model": cfg.teacher.model, "mode": cfg.teacher.mode, "unique_canvases": len(wanted), "cache_hits": hits,
              "asked": len(todo), **tally.as_dict(),
              "cost_labels_usd": round(sum((cache.get(k) or {}).get("cost_usd", 0.0) for k in used), 9)}
     return out, stats
@@ -230,8 +230,8 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
                  "cost_labels_usd": 0.0}
     else:
         try:
-            cfg = TeacherConfig.from_params(lp)
-            if cfg.response_format in BOUNDED_FORMS:
+            cfg = Label.model_validate(lp)
+            if cfg.teacher.response_format in BOUNDED_FORMS:
                 reason_bound(cfg, labels)  # a budget with no room for the reason: a config error, before any request
         except ValueError as e:
             raise SystemExit(f"label: {e}") from None
