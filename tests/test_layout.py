@@ -236,3 +236,13 @@ def test_readme_runs_stages_with_dvc_yaml_arguments_and_the_venv_python() -> Non
         assert c[c.index("-m src.stages."):] == expected[stage].split("python ", 1)[1], c
     runs_stages = [c for c in commands if re.search(r"\bdvc (repro|exp run)\b", c)]
     assert runs_stages and not [c for c in runs_stages if ".venv/bin/dvc" in c]
+
+
+def test_the_params_types_import_no_feature_code() -> None:
+    """The typed params (schema, contract, settings) import only each other: feature code imports its types from
+    them, never the other way; and the models code receives never import the schema (it is not a code dep)."""
+    config = {ROOT / "src" / name for name in ("schema.py", "contract.py", "settings.py")}
+    for f in config:
+        assert deps.imports(f, ROOT) <= config, (f, deps.imports(f, ROOT) - config)
+    for f in config - {ROOT / "src/schema.py"}:
+        assert ROOT / "src/schema.py" not in deps.imports(f, ROOT), f
