@@ -17,6 +17,7 @@ from src.model import hf_vlm
 from src.data.canvas import decode, to_canvas
 from src.config.contract import Contract
 from src.config.paths import ROOT
+from src.config.settings import Builder
 
 # Big files (a 1 GB random SmolVLM-256M and its GGUFs) go here: gitignored, outside the tracked tree.
 CACHE = ROOT / ".cache" / "bench"
@@ -25,7 +26,7 @@ OUT = ROOT / "bench" / "out"
 # SmolVLM-256M's pixel shuffle (its shapes live in src/model/hf_vlm.py: SMOLVLM_256M_*).
 STOCK_SCALE = hf_vlm.SMOLVLM_256M_SCALE
 # The same shapes for the offline builder (its intermediates are 2 x hidden: a little lighter than SigLIP's 4 x).
-SMOLVLM_256M_SHAPES = hf_vlm.BuilderSpec(vision_hidden=768, vision_layers=12, vision_heads=12, patch=16, scale_factor=4,
+SMOLVLM_256M_SHAPES = Builder(vision_hidden=768, vision_layers=12, vision_heads=12, patch=16, scale_factor=4,
                                       text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, seed=0)
 STOCK_LONGEST_EDGE = 2048
 

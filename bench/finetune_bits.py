@@ -40,7 +40,7 @@ def worker(epochs: int) -> dict[str, object]:
     """Train `epochs` epochs as the finetune stage does; the figures that decide its output's bits."""
     import torch
 
-    from src.config.contract import labels_of
+    from src.config.contract import LABELS
     from src.config.params import stage_params
     from src.stages.finetune import prepare
     from src.model.training import evaluate, start_processes, stop_processes, train_epoch
@@ -64,7 +64,7 @@ def worker(epochs: int) -> dict[str, object]:
                             procs, f"epoch {epoch}")
                 seconds.append(time.perf_counter() - t0)
             val_acc, val_loss = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids,
-                                         labels_of(p["contract"]), ft["batch_size"])
+                                         LABELS.validate_python(p["contract"]["labels"]), ft["batch_size"])
         finally:
             stop_processes()
     h = hashlib.sha256()

@@ -21,10 +21,11 @@ from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
 from src.labeling import review_queue
 from src.model import hf_vlm
-from src.config.contract import Contract, VisionSpec
+from src.config.contract import Contract, Vision
+from src.config.settings import Builder
 
 
-def encode_s(c: Contract, n: int, spec: hf_vlm.BuilderSpec, vision: VisionSpec, batch: int) -> tuple[float, np.ndarray]:
+def encode_s(c: Contract, n: int, spec: Builder, vision: Vision, batch: int) -> tuple[float, np.ndarray]:
     """(seconds per photo, features) of the queue's feature pass over n demo canvases on a `spec` base."""
     model, processor = hf_vlm.build(spec, vision)
     hf_vlm.configure(model, processor, vision, c.target)
@@ -50,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     c, p = contract(), params()
     q = review_queue.QueueParams(**p["label"]["queue"])
-    demo_spec = hf_vlm.BuilderSpec(**p["base"]["builder"])
+    demo_spec = Builder.model_validate(p["base"]["builder"])
     print(f"finetune epoch on {args.n} demo canvases (baseline) ...", flush=True)
     ft = stages.finetune_epoch(c, args.n, 1)
     print("finetune epoch at SmolVLM-256M shapes on 4 canvases (the real-size baseline, per photo) ...", flush=True)

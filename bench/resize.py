@@ -29,7 +29,7 @@ from PIL import Image
 
 from src.data import demo
 from src.data.canvas import BadImage, canvas_png, render_png
-from src.config.contract import CanvasSpec
+from src.config.contract import Canvas
 from bench.common import contract
 
 SPEC, LABELS = contract().canvas, contract().labels  # what resize256 draws: params.yaml's contract
@@ -50,7 +50,7 @@ def seed_path(data: bytes) -> bytes:
     return canvas_png(resize_for_android(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
-def our_path(data: bytes, spec: CanvasSpec = SPEC) -> bytes:
+def our_path(data: bytes, spec: Canvas = SPEC) -> bytes:
     try:
         return render_png(data, spec)
     except BadImage:
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--resample", default=SPEC.resample, help="the canvas filter of our path (default: the contract's)")
     args = ap.parse_args()
-    spec = CanvasSpec(**{**SPEC.__dict__, "resample": args.resample})
+    spec = SPEC.model_copy(update={"resample": args.resample})
     ours = functools.partial(our_path, spec=spec)
     photos = load_images(args.images, args.n)
     mpix = sum(Image.open(io.BytesIO(d)).width * Image.open(io.BytesIO(d)).height for d in photos) / 1e6

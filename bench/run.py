@@ -22,7 +22,7 @@ from PIL import Image
 from bench import decode, stages, tokens
 from bench.common import CACHE, OUT, SMOLVLM_256M_SHAPES, contract, demo_canvases, rel, table
 from src.model import hf_vlm
-from src.config.contract import Contract, VisionSpec
+from src.config.contract import Contract, Vision
 from src.runtime.grammar import gbnf
 from src.runtime.llama_vlm import LlamaVLM
 from src.config.paths import ROOT
@@ -95,7 +95,7 @@ def section_stages(c: Contract, quick: bool) -> tuple[dict[str, Any], str]:
     res["finetune"] = stages.finetune_epoch(c, 32, 1 if quick else 2)
     print("  finetune epoch at SmolVLM-256M shapes (tile 256 / edge 512), feature cache on/off ...", flush=True)
     res["finetune_256m"] = stages.finetune_epoch(c, 4 if quick else 8, 1 if quick else 2, SMOLVLM_256M_SHAPES,
-                                                 VisionSpec(tile=256, longest_edge=512))
+                                                 Vision(tile=256, longest_edge=512))
     n = 1000 if quick else 10000
     print(f"  dvc repro on {n} demo photos (built once under .cache/bench) ...", flush=True)
     res["dvc"] = stages.dvc_repro(n, CACHE / f"dvc-{n}" / "repo")

@@ -24,7 +24,8 @@ import torch
 from bench.common import ROOT, demo_canvases, params, timed
 from src.model import hf_vlm
 from src.data.canvas import canvas_png
-from src.config.contract import Contract, VisionSpec
+from src.config.contract import Contract, Vision
+from src.config.settings import Builder
 
 # -- resize --------------------------------------------------------------------------------------
 
@@ -44,7 +45,8 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
     fixed latency per chat request), same items."""
     from src.labeling.answer_cache import AnswerCache
     from src.labeling.teacher.client import teach
-    from src.labeling.teacher.request import Item, TeacherConfig
+    from src.config.settings import Label
+    from src.labeling.teacher.request import Item
     from testkit.openai_server import FakeOpenAI
 
     key = "sk-loopback"  # a dummy for the loopback server
@@ -61,7 +63,7 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
             for w in workers:
                 lp = {**base, "concurrency": w, "teacher": {**base["teacher"], "base_url": server.base_url,
                                                             "api_key_env": "BENCH_TEACHER_KEY", "mode": "online"}}
-                cfg = TeacherConfig.from_params(lp)
+                cfg = Label.model_validate(lp)
                 items = [Item(f"{w}-{i}", f"{i}", pngs[i % len(pngs)]) for i in range(n)]
                 (tmp / f"cache-{w}").mkdir(exist_ok=True)
                 cache = AnswerCache(tmp / f"cache-{w}")
@@ -78,8 +80,8 @@ def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> d
 
 # -- finetune ------------------------------------------------------------------------------------
 
-def finetune_epoch(c: Contract, n: int, epochs: int, spec: hf_vlm.BuilderSpec | None = None,
-                   vision: VisionSpec | None = None) -> dict[str, Any]:
+def finetune_epoch(c: Contract, n: int, epochs: int, spec: Builder | None = None,
+                   vision: Vision | None = None) -> dict[str, Any]:
     """Seconds per epoch over n canvases with the encoder in every step vs cached once (same model, same LoRA).
 
     Default: the demo's builder model. `spec`/`vision` give another size, e.g. SmolVLM-256M's shapes.
@@ -88,7 +90,7 @@ def finetune_epoch(c: Contract, n: int, epochs: int, spec: hf_vlm.BuilderSpec | 
 
     p = params()["finetune"]
     vision = vision or c.vision
-    model, processor = hf_vlm.build(spec or hf_vlm.BuilderSpec(**params()["base"]["builder"]), vision)
+    model, processor = hf_vlm.build(spec or Builder.model_validate(params()["base"]["builder"]), vision)
     hf_vlm.configure(model, processor, vision, c.target)
     label_ids = hf_vlm.label_token_ids(processor.tokenizer, c.labels, c.target)
     exs = [Example(str(i), lab, hf_vlm.training_example(processor, c.prompt, c.labels, c.target, canvas, lab))

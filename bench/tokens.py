@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from bench.common import CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, median_time, timed
 from src.model import geometry, hf_vlm
-from src.config.contract import Contract, VisionSpec
+from src.config.contract import Contract, Vision
 from src.runtime.llama_build import convert
 from src.runtime.llama_vlm import LlamaVLM, expand
 
 # (tile, longest_edge): stock, stock tile at smaller edges, and re-tiled encoders.
 CANDIDATES = [(512, 2048), (512, 1024), (512, 512), (256, 512), (256, 256), (128, 256)]
-CHOSEN = VisionSpec(tile=256, longest_edge=512)
-STOCK = VisionSpec(tile=512, longest_edge=STOCK_LONGEST_EDGE)
-SMALL = VisionSpec(tile=128, longest_edge=256)
+CHOSEN = Vision(tile=256, longest_edge=512)
+STOCK = Vision(tile=512, longest_edge=STOCK_LONGEST_EDGE)
+SMALL = Vision(tile=128, longest_edge=256)
 # The layout-identical geometries timed at real size, the stock one first (the ratios' baseline).
 AT_SCALE = {"stock": STOCK, "chosen": CHOSEN, "small": SMALL}
 PROXY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -67,7 +67,8 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
         model, processor = hf_vlm.build_sized(PROXY_VISION, PROXY_TEXT, STOCK_SCALE, seed=0)
         if tile != PROXY_VISION["image_size"]:
             geometry.retile(model, processor, tile)
-        hf_vlm.configure(model, processor, VisionSpec(tile, edge), c.target)
+        # model_construct: some candidates break the contract's 2 x tile rule, on purpose (the layouts they show differ)
+        hf_vlm.configure(model, processor, Vision.model_construct(tile=tile, longest_edge=edge), c.target)
         d = work / f"proxy-{tile}-{edge}"
         hf_vlm.save(model, processor, d)
         if not text_gguf.exists():  # the text GGUF holds no vision geometry: one serves every candidate
@@ -82,7 +83,7 @@ def geometry_candidates(c: Contract, canvas: Any, work: Path) -> list[LayoutResu
 
 def _fingerprint(c: Contract) -> str:
     spec = ["smollm2 seed 0", hf_vlm.SMOLVLM_256M_VISION, hf_vlm.SMOLVLM_256M_TEXT, hf_vlm.SMOLVLM_256M_SCALE,
-            {k: v.__dict__ for k, v in AT_SCALE.items()}, c.target.__dict__, 2]
+            {k: v.model_dump() for k, v in AT_SCALE.items()}, c.target.model_dump(), 2]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -37,7 +37,7 @@ TINY = {
 }
 
 
-# The SmolVLM every test builds in-process (hf_vlm.BuilderSpec fields; as a dict, so importing this file
+# The SmolVLM every test builds in-process (src.config.settings.Builder fields; as a dict, so importing this file
 # does not import transformers): the smallest model the demo geometry (contract.vision) takes.
 TINY_MODEL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "patch": 8, "scale_factor": 2,
               "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "seed": 0}

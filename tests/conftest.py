@@ -59,9 +59,10 @@ def tiny_model() -> tuple[Any, Any]:
     """
     from src.model import hf_vlm
     from src.config.contract import Contract
+    from src.config.settings import Builder
 
     c = Contract.from_dict(project_params()["contract"])
-    model, processor = hf_vlm.build(hf_vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    model, processor = hf_vlm.build(Builder.model_validate(TINY_MODEL), c.vision)
     hf_vlm.configure(model, processor, c.vision, c.target)
     return model, processor
 

@@ -1,7 +1,7 @@
 """reading: the reference client. Three photos in, three elements and a five-element reading out.
 
 What the app does, from the release bundle alone (src/stages/release.py writes it; `dvc artifacts get`
-fetches it): each photo is decoded and drawn on the canvas by contract.json's CanvasSpec
+fetches it): each photo is decoded and drawn on the canvas by contract.json's Canvas
 (src/data/canvas.py), then llama.cpp runs the Q8_0 model + mmproj once per photo with the contract's
 prompt (rendered with this build's media marker) and greedy decoding constrained by grammar.gbnf.
 

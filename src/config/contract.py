@@ -1,8 +1,11 @@
 """The inference contract: everything training and the app must agree on.
 
 The values live in `params.yaml: contract:` (one source of truth, hashed by DVC)
-and ship next to the model as `contract.json`. This module only gives them
-types and renders them for each runtime; it never states a value itself.
+and ship next to the model as `contract.json`. This module is their one typed
+definition: the params schema (`src/config/schema.py`) checks `contract:` with these
+models, and every stage and the client receive them. It gives the values types
+and rules and renders them for each runtime; it never states a value itself.
+Each rule is a validator, so a contract that breaks one cannot be constructed.
 
 Why the prompt is a template and not the app's literal string: `<__media__>`
 is llama.cpp's media *marker*, which mtmd replaces by the image chunk. Written
@@ -15,9 +18,11 @@ for llama.cpp, and eval_parity checks both give the same token ids.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
 
 Resample = Literal["bilinear", "lanczos", "skia_bilinear"]
 Alpha = Literal["composite_black", "drop"]
@@ -26,9 +31,26 @@ Exif = Literal["ignore", "apply"]
 IMAGE_SLOT = "{image}"
 LABELS_SLOT = "{labels}"
 
+Pos = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[int, Field(ge=0)]
+PosF = Annotated[float, Field(gt=0)]
+NonNegF = Annotated[float, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
 
-@dataclass(frozen=True)
-class CanvasSpec:
+
+class Section(BaseModel):
+    """A params section: strict types (no coercion), unknown keys refused, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def rule(key: str, value: Any, why: str, expected: str) -> PydanticCustomError:
+    """A rule broken at `key` (dotted, relative to the model that checks it; "" for the checked value itself);
+    the schema words it."""
+    return PydanticCustomError("rule", "{why}", {"key": key, "value": value, "why": why, "expected": expected})
+
+
+class Canvas(Section):
     """How a photo becomes the square canvas the app draws.
 
     size: canvas side; the photo is scaled by min(size/w, size/h) (float32, as
@@ -42,55 +64,54 @@ class CanvasSpec:
         bomb guard the app shares, not a rendering choice).
     """
 
-    size: int
+    size: Annotated[int, Field(ge=16, le=4096)]
     resample: Resample
     alpha: Alpha
     exif: Exif
-    max_pixels: int
+    max_pixels: Pos
 
 
-@dataclass(frozen=True)
-class PromptSpec:
+class Prompt(Section):
     """The app prompt. `template` holds `{image}` once and may hold `{labels}`."""
 
-    template: str
-    chat_template: bool
+    template: Text
+    chat_template: Literal[False]  # the app sends the raw prompt; nothing renders a chat template
+
+    @model_validator(mode="after")
+    def one_image(self) -> Prompt:
+        if self.template.count(IMAGE_SLOT) != 1:
+            raise rule("template", self.template, "the image placeholder must appear exactly once",
+                       "one {image} (rendered as each runtime's image marker)")
+        return self
 
     def render(self, image_marker: str, labels: tuple[str, ...]) -> str:
-        if self.template.count(IMAGE_SLOT) != 1:
-            raise ValueError(f"prompt template must hold {IMAGE_SLOT} exactly once: {self.template!r}")
-        if self.chat_template:
-            raise NotImplementedError("contract.prompt.chat_template: true is not supported; the app sends the raw prompt")
         return self.template.replace(LABELS_SLOT, ", ".join(labels)).replace(IMAGE_SLOT, image_marker)
 
 
-@dataclass(frozen=True)
-class TargetSpec:
+class Target(Section):
     """How an answer is written: `prefix + label`, then the `eos` token."""
 
     prefix: str
-    eos: str
+    eos: Text
 
     def text(self, label: str) -> str:
         return self.prefix + label
 
 
-@dataclass(frozen=True)
-class GenerationSpec:
+class Generation(Section):
     """Decoding as the app runs it. Greedy means temperature 0, top-k 1, no repeat penalty."""
 
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    repeat_penalty: float
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)]
+    temperature: NonNegF
+    top_k: NonNeg
+    repeat_penalty: PosF
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 and self.top_k == 1 and self.repeat_penalty == 1
 
 
-@dataclass(frozen=True)
-class VisionSpec:
+class Vision(Section):
     """Vision geometry written into the processor config before conversion.
 
     tile: the vision encoder's input side (`vision_config.image_size`).
@@ -100,43 +121,51 @@ class VisionSpec:
         their layouts to agree (eval_parity's layout rung checks it).
     """
 
-    tile: int
-    longest_edge: int
+    tile: Annotated[int, Field(ge=16)]
+    longest_edge: Annotated[int, Field(ge=16)]
+
+    @model_validator(mode="after")
+    def layouts_agree(self) -> Vision:
+        if self.longest_edge < 2 * self.tile:
+            raise rule("longest_edge", self.longest_edge, f"below 2 x tile ({2 * self.tile}): transformers and "
+                       "llama.cpp would lay the image out differently", f"at least {2 * self.tile}")
+        return self
 
 
-@dataclass(frozen=True)
-class Contract:
-    canvas: CanvasSpec
-    prompt: PromptSpec
-    labels: tuple[str, ...]
-    target: TargetSpec
-    generation: GenerationSpec
-    vision: VisionSpec
+def _tuple(value: Any) -> Any:
+    """YAML and JSON give a list; the labels are held as a tuple (an ordered, immutable set)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _distinct(labels: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(labels)) != len(labels):
+        raise rule("", list(labels), "labels repeat", "distinct labels")
+    return labels
+
+
+Labels = Annotated[tuple[Text, ...], BeforeValidator(_tuple), Field(min_length=2), AfterValidator(_distinct)]
+# The labels alone, typed by the same rules, for a stage that declares contract.labels and no other contract key.
+LABELS: TypeAdapter[tuple[str, ...]] = TypeAdapter(Labels, config=ConfigDict(strict=True))
+
+
+class Contract(Section):
+    canvas: Canvas
+    prompt: Prompt
+    labels: Labels
+    target: Target
+    generation: Generation
+    vision: Vision
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Contract:
-        return cls(
-            canvas=CanvasSpec(**d["canvas"]),
-            prompt=PromptSpec(**d["prompt"]),
-            labels=labels_of(d),
-            target=TargetSpec(**d["target"]),
-            generation=GenerationSpec(**d["generation"]),
-            vision=VisionSpec(**d["vision"]),
-        )
+        return cls.model_validate(d)
 
     def prompt_for(self, image_marker: str) -> str:
         return self.prompt.render(image_marker, self.labels)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path: Path) -> Contract:
-        return cls.from_dict(json.loads(path.read_text()))
-
-
-def labels_of(contract: dict[str, Any]) -> tuple[str, ...]:
-    labels = tuple(contract["labels"])
-    if len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
-        raise ValueError(f"contract.labels must be distinct non-empty strings: {labels}")
-    return labels
+        return cls.model_validate_json(path.read_text())

@@ -19,20 +19,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, model_validator
 
-from src.config.contract import Alpha, Exif, Resample
-from src.labeling.teacher.request import Detail, MaxTokensField, Mode, ResponseFormat
+from src.config.contract import Contract, NonNeg, NonNegF, Pos, PosF, Section, Text, rule
+from src.config.settings import Builder, Http, Label, Rate
 
-Rate = Annotated[float, Field(ge=0, le=1)]
-Pos = Annotated[int, Field(gt=0)]
-NonNeg = Annotated[int, Field(ge=0)]
-PosF = Annotated[float, Field(gt=0)]
-NonNegF = Annotated[float, Field(ge=0)]
-Text = Annotated[str, Field(min_length=1)]
 SHA = re.compile(r"[0-9a-f]{40}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # base.source's values: src/model/bases.py builds each one
 BaseSource = Literal["builder", "smollm2", "hub", "local"]
 
@@ -57,76 +49,7 @@ class ParamsError(Exception):
         self.lines = lines
 
 
-def rule(key: str, value: Any, why: str, expected: str) -> PydanticCustomError:
-    """A cross-field rule broken at `key` (dotted, relative to the model that checks it)."""
-    return PydanticCustomError("rule", "{why}", {"key": key, "value": value, "why": why, "expected": expected})
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-# ---- contract ------------------------------------------------------------------------------------
-
-class Canvas(Section):
-    size: Annotated[int, Field(ge=16, le=4096)]
-    resample: Resample  # the contract's own types: one list of allowed values
-    alpha: Alpha
-    exif: Exif
-    max_pixels: Pos
-
-
-class Prompt(Section):
-    template: Text
-    chat_template: Literal[False]  # the app sends the raw prompt; nothing renders a chat template
-
-    @model_validator(mode="after")
-    def one_image(self) -> Prompt:
-        if self.template.count("{image}") != 1:
-            raise rule("template", self.template, "the image placeholder must appear exactly once",
-                       "one {image} (rendered as each runtime's image marker)")
-        return self
-
-
-class Target(Section):
-    prefix: str
-    eos: Text
-
-
-class Generation(Section):
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096)]
-    temperature: NonNegF
-    top_k: NonNeg
-    repeat_penalty: PosF
-
-
-class Vision(Section):
-    tile: Annotated[int, Field(ge=16)]
-    longest_edge: Annotated[int, Field(ge=16)]
-
-    @model_validator(mode="after")
-    def layouts_agree(self) -> Vision:
-        # llama.cpp always adds an overview tile, transformers only when it splits (docs/parity.md: the parity ladder)
-        if self.longest_edge < 2 * self.tile:
-            raise rule("longest_edge", self.longest_edge, f"below 2 x tile ({2 * self.tile}): transformers and "
-                       "llama.cpp would lay the image out differently", f"at least {2 * self.tile}")
-        return self
-
-
-class Contract(Section):
-    canvas: Canvas
-    prompt: Prompt
-    labels: Annotated[list[Text], Field(min_length=2)]
-    target: Target
-    generation: Generation
-    vision: Vision
-
-    @model_validator(mode="after")
-    def distinct_labels(self) -> Contract:
-        if len(set(self.labels)) != len(self.labels):
-            raise rule("labels", self.labels, "labels repeat", "distinct labels")
-        return self
-
+# ---- contract: src/config/contract.py, its one typed definition (stages and the client receive those models)
 
 # ---- download ------------------------------------------------------------------------------------
 
@@ -151,16 +74,6 @@ class Hf(Section):
     split: Text
     image_column: Text
     label_column: str
-
-
-class Http(Section):
-    workers: Annotated[int, Field(ge=1, le=64)]
-    timeout_s: PosF
-    retries: Annotated[int, Field(ge=0, le=10)]
-    backoff_s: NonNegF
-    max_bytes: Pos
-    user_agent: Text
-    snapshot: str
 
 
 class Download(Section):
@@ -199,60 +112,7 @@ class Resize256(Section):
     workers: NonNeg
 
 
-# ---- label ---------------------------------------------------------------------------------------
-
-class Teacher(Section):
-    base_url: Annotated[str, Field(pattern=r"^https?://\S+$")]
-    model: Text
-    api_key_env: Text
-    detail: Detail
-    max_tokens: Pos
-    max_tokens_field: MaxTokensField
-    response_format: ResponseFormat
-    temperature: NonNegF | None
-    timeout_s: PosF
-    mode: Mode
-    prompt: Text
-
-    @model_validator(mode="after")
-    def env_name(self) -> Teacher:
-        if not ENV_NAME.fullmatch(self.api_key_env):
-            # the key itself must never sit in params.yaml: this holds the variable's name
-            raise rule("api_key_env", "<hidden>", "not an environment variable name (is it the key itself?)",
-                       "the NAME of the variable that holds the key, e.g. OPENAI_API_KEY")
-        return self
-
-
-class Batch(Section):
-    poll_s: PosF
-    wait_s: NonNegF
-
-
-class Price(Section):
-    input_per_1m: NonNegF
-    output_per_1m: NonNegF
-    batch_discount: Rate
-
-
-class Queue(Section):
-    folds: Annotated[int, Field(ge=2, le=50)]
-    seed: int
-    C: PosF
-    batch_size: Pos
-
-
-class Label(Section):
-    provider: Literal["manifest", "teacher"]
-    max_failure_rate: Rate
-    concurrency: Annotated[int, Field(ge=1, le=1000)]
-    max_attempts: Annotated[int, Field(ge=1, le=20)]
-    answer_attempts: Annotated[int, Field(ge=1, le=10)]
-    backoff_s: NonNegF
-    teacher: Teacher
-    batch: Batch
-    price: Price
-    queue: Queue
-
+# ---- label: src/config/settings.py Label (the teacher code receives it)
 
 # ---- split ---------------------------------------------------------------------------------------
 
@@ -271,30 +131,6 @@ class Split(Section):
 
 
 # ---- model ---------------------------------------------------------------------------------------
-
-class Builder(Section):
-    vision_hidden: Pos
-    vision_layers: Pos
-    vision_heads: Pos
-    patch: Pos
-    scale_factor: Pos
-    text_hidden: Pos
-    text_layers: Pos
-    text_heads: Pos
-    text_kv_heads: Pos
-    seed: int
-
-    @model_validator(mode="after")
-    def heads_divide(self) -> Builder:
-        for hidden, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
-            if getattr(self, hidden) % getattr(self, heads):
-                raise rule(heads, getattr(self, heads), f"does not divide {hidden} = {getattr(self, hidden)}",
-                           f"a divisor of {getattr(self, hidden)}")
-        if self.text_heads % self.text_kv_heads:
-            raise rule("text_kv_heads", self.text_kv_heads, f"does not divide text_heads = {self.text_heads}",
-                       f"a divisor of {self.text_heads}")
-        return self
-
 
 class Smollm2(Section):
     seed: int
@@ -468,7 +304,7 @@ def _expected(err: dict[str, Any]) -> str:
     if t == "string_pattern_mismatch":
         return "an http(s) URL" if "http" in ctx.get("pattern", "") else f"text matching {ctx.get('pattern')}"
     kinds = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-             "string_type": "text", "list_type": "a list", "model_type": "a mapping of keys",
+             "string_type": "text", "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys",
              "dict_type": "a mapping of keys", "missing": "a value", "string_too_short": "non-empty text",
              "int_from_float": "an integer", "none_required": "null"}
     return kinds.get(t, err["msg"])
@@ -479,7 +315,7 @@ def _line(err: dict[str, Any], source: str) -> str:
     # pydantic names the branch of a union or a model in the loc; keep only keys and list indices
     loc = tuple(p for p in loc if isinstance(p, int) or not str(p)[:1].isupper() and "[" not in str(p))
     if err["type"] == "rule":
-        loc += tuple(ctx["key"].split("."))
+        loc += tuple(ctx["key"].split(".")) if ctx["key"] else ()
         value, why, expected = ctx["value"], ctx["why"], ctx["expected"]
     elif err["type"] == "extra_forbidden":
         known = _known(loc)
@@ -492,7 +328,7 @@ def _line(err: dict[str, Any], source: str) -> str:
         why, expected = "not a known value", _expected(err)
     else:
         why = err["msg"].replace("Input should be", "should be").replace("String should", "should")
-        if err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "int_from_float"):
+        if err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "tuple_type", "int_from_float"):
             why = f"a {type(value).__name__}"
         expected = _expected(err)
     return f"{source}: {'.'.join(map(str, loc))} = {_show(value)}: {why}; expected {expected}"

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from src.config.contract import CanvasSpec
+from src.config.contract import Canvas
 from src.data.formats import shown_frame  # importing it also lets Pillow read HEIC/HEIF
 
 
@@ -89,7 +89,7 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in _ALPHA_MODES or "transparency" in img.info
 
 
-def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
+def decode(data: bytes, spec: Canvas) -> Image.Image:
     """File bytes -> RGB, or RGBA when the photo carries transparency; else `BadImage(cause, detail)`.
 
     What the app's BitmapFactory does, step by step: identify by content (never
@@ -141,7 +141,7 @@ def decode(data: bytes, spec: CanvasSpec) -> Image.Image:
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 
 
-def to_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
+def to_canvas(img: Image.Image, spec: Canvas) -> Image.Image:
     """The training canvas: scaled, centred on black, RGB, `spec.size` square."""
     if spec.resample == "skia_bilinear":
         return android_canvas(img, spec)
@@ -156,7 +156,7 @@ def to_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
     return canvas
 
 
-def android_canvas(img: Image.Image, spec: CanvasSpec) -> Image.Image:
+def android_canvas(img: Image.Image, spec: Canvas) -> Image.Image:
     """What the app draws, emulated with Skia (see the module docstring)."""
     import skia  # only the reference and `skia_bilinear` need it
 
@@ -183,6 +183,6 @@ def canvas_png(canvas: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def render_png(data: bytes, spec: CanvasSpec) -> bytes:
+def render_png(data: bytes, spec: Canvas) -> bytes:
     """Photo bytes -> canvas PNG bytes, as resize256 stores them (raises BadImage)."""
     return canvas_png(to_canvas(decode(data, spec), spec))

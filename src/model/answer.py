@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from src.config.contract import Contract, TargetSpec
+from src.config.contract import Contract, Target
 
 
-def label_token_ids(tokenize: Callable[[str], list[int]], labels: tuple[str, ...], target: TargetSpec) -> list[int]:
+def label_token_ids(tokenize: Callable[[str], list[int]], labels: tuple[str, ...], target: Target) -> list[int]:
     """Each label's one token id (`target.prefix + label`, tokenized without special tokens).
 
     First-token scoring reads one logit per label, so a label the vocabulary splits is refused

@@ -8,7 +8,7 @@
   local    `base.local_dir`, a directory in the hub's layout (`save_pretrained`)
 
 `fitted` re-tiles the vision encoder when `contract.vision.tile` differs from its tile
-(src/model/geometry.py) and writes the contract's geometry and EOS into the configs (`hf_vlm.configure`).
+(src/model/geometry.py) and writes the contract's geometry and EOS into the configs (`vlm.configure`).
 The base stage runs it once; finetune loads the result. The release's model card quotes `describe`.
 """
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from src.model import geometry, hf_vlm
-from src.config.contract import TargetSpec, VisionSpec
+from src.config.contract import Target, Vision
 from src.config.schema import BaseSource, commit_hint, is_commit
+from src.config.settings import Builder
 
 SOURCES: tuple[str, ...] = get_args(BaseSource)
 
@@ -31,11 +32,11 @@ def pinned_revision(hub_id: str, revision: str) -> str:
     return revision
 
 
-def source_model(base: dict[str, Any], vision: VisionSpec) -> tuple[Any, Any]:
+def source_model(base: dict[str, Any], vision: Vision) -> tuple[Any, Any]:
     """The base as its source gives it, before any fitting."""
     source = base["source"]
     if source == "builder":  # built at the contract's tile: nothing to re-tile
-        return hf_vlm.build(hf_vlm.BuilderSpec(**base["builder"]), vision)
+        return hf_vlm.build(Builder.model_validate(base["builder"]), vision)
     if source == "smollm2":
         return hf_vlm.build_smollm2(base["smollm2"]["seed"])
     if source == "hub":
@@ -48,7 +49,7 @@ def source_model(base: dict[str, Any], vision: VisionSpec) -> tuple[Any, Any]:
     raise SystemExit(f"base.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-def fit(model: Any, processor: Any, vision: VisionSpec, target: TargetSpec) -> dict[str, Any]:
+def fit(model: Any, processor: Any, vision: Vision, target: Target) -> dict[str, Any]:
     """Re-tile to the contract's tile if needed, then configure; returns what was done, for base.json."""
     native = model.config.vision_config.image_size
     if native != vision.tile:
@@ -58,7 +59,7 @@ def fit(model: Any, processor: Any, vision: VisionSpec, target: TargetSpec) -> d
             "retiled": native != vision.tile, "image_seq_len": hf_vlm.image_seq_len(model)}
 
 
-def fitted(base: dict[str, Any], vision: VisionSpec, target: TargetSpec) -> tuple[Any, Any, dict[str, Any]]:
+def fitted(base: dict[str, Any], vision: Vision, target: Target) -> tuple[Any, Any, dict[str, Any]]:
     """The base model exactly as finetune starts from it, and a record of how it was made."""
     model, processor = source_model(base, vision)
     info = fit(model, processor, vision, target)

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,9 @@ from transformers import (
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
 
 from src.model import answer
-from src.config.contract import GenerationSpec, PromptSpec, TargetSpec, VisionSpec
+from src.config.contract import Generation, Prompt, Target, Vision
 from src.model.geometry import tokens_per_tile
+from src.config.settings import Builder
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
 IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [
@@ -57,22 +57,6 @@ SMOLVLM_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_l
 SMOLVLM_256M_TEXT = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3)
 SMOLVLM_256M_SCALE = 4
-
-
-@dataclass(frozen=True)
-class BuilderSpec:
-    """Sizes of the offline SmolVLM; tiny in tests, small in the demo."""
-
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    patch: int
-    scale_factor: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    seed: int
 
 
 def smollm2_gguf() -> Path:
@@ -133,7 +117,7 @@ def smollm2_tokenizer() -> Any:
     return copy.deepcopy(_smollm2_tokenizer())
 
 
-def build(spec: BuilderSpec, vision: VisionSpec) -> tuple[PreTrainedModel, Idefics3Processor]:
+def build(spec: Builder, vision: Vision) -> tuple[PreTrainedModel, Idefics3Processor]:
     """A randomly initialised SmolVLM (Idefics3 architecture), deterministic in `spec.seed`."""
     vis = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
@@ -225,7 +209,7 @@ def image_seq_len(model: PreTrainedModel) -> int:
     return tokens_per_tile(v.image_size, v.patch_size, model.config.scale_factor)
 
 
-def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: VisionSpec, target: TargetSpec) -> None:
+def configure(model: PreTrainedModel, processor: Idefics3Processor, vision: Vision, target: Target) -> None:
     """Write the contract's geometry and EOS into the configs that conversion reads."""
     if model.config.vision_config.image_size != vision.tile:
         raise ValueError(f"contract.vision.tile={vision.tile} but the base vision encoder takes "
@@ -261,19 +245,19 @@ def save(model: PreTrainedModel, processor: Idefics3Processor, out: Path) -> Non
         raise RuntimeError(f"{out}/config.json lost text_config.architectures")
 
 
-def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: TargetSpec) -> list[int]:
+def label_token_ids(tokenizer: Any, labels: tuple[str, ...], target: Target) -> list[int]:
     """One token per label (`prefix + label`) in the transformers tokenizer; see answers.label_token_ids."""
     return answer.label_token_ids(lambda text: tokenizer(text, add_special_tokens=False).input_ids, labels, target)
 
 
-def prompt_inputs(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...],
+def prompt_inputs(processor: Idefics3Processor, prompt: Prompt, labels: tuple[str, ...],
                   canvas: Image.Image) -> dict[str, torch.Tensor]:
     """The model inputs for one canvas, exactly as eval_parity and training see them."""
     text = prompt.render(HF_IMAGE_TOKEN, labels)
     return dict(processor(text=[text], images=[[canvas.convert("RGB")]], return_tensors="pt"))
 
 
-def training_example(processor: Idefics3Processor, prompt: PromptSpec, labels: tuple[str, ...], target: TargetSpec,
+def training_example(processor: Idefics3Processor, prompt: Prompt, labels: tuple[str, ...], target: Target,
                      canvas: Image.Image, label: str) -> dict[str, torch.Tensor]:
     """Prompt + `prefix label` + EOS; loss labels are -100 everywhere but the answer tokens."""
     inputs = prompt_inputs(processor, prompt, labels, canvas)
@@ -309,7 +293,7 @@ def first_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tor
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, processor: Idefics3Processor, inputs: dict[str, torch.Tensor],
-             gen: GenerationSpec, stop_ids: list[int] | None = None) -> tuple[str, list[int], bool]:
+             gen: Generation, stop_ids: list[int] | None = None) -> tuple[str, list[int], bool]:
     """Decoding as the contract says; returns (text, new token ids, stopped at a stop token).
 
     `stop_ids`: the tokens that end generation, by default the generation config's EOS. eval_parity

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from src.model import hf_vlm
-from src.config.contract import PromptSpec, TargetSpec
+from src.config.contract import Prompt, Target
 from src.data.files import write_text_atomic
 
 
@@ -71,8 +71,8 @@ def lora(model: Any, ft: dict[str, Any], answer_ids: list[int]) -> Any:
     return get_peft_model(model, config)
 
 
-def load_examples(rows: list[dict[str, Any]], canvases: Path, processor: Any, prompt: PromptSpec,
-                  labels: tuple[str, ...], target: TargetSpec, desc: str) -> list[Example]:
+def load_examples(rows: list[dict[str, Any]], canvases: Path, processor: Any, prompt: Prompt,
+                  labels: tuple[str, ...], target: Target, desc: str) -> list[Example]:
     out = []
     for r in tqdm(rows, desc=f"render {desc}"):
         with Image.open(canvases / r["canvas"]) as img:

@@ -22,7 +22,7 @@ import numpy as np
 
 import llama_cpp
 
-from src.config.contract import TargetSpec
+from src.config.contract import Target
 
 ROOT_RULE = "root"
 
@@ -52,7 +52,7 @@ def literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def gbnf(labels: tuple[str, ...], target: TargetSpec) -> str:
+def gbnf(labels: tuple[str, ...], target: Target) -> str:
     """The grammar text: `root` is exactly one of `target.prefix + label`."""
     if not labels or len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct and non-empty: {labels}")

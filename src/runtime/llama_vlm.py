@@ -21,7 +21,7 @@ from PIL import Image
 import llama_cpp
 from llama_cpp import mtmd_cpp
 
-from src.config.contract import GenerationSpec
+from src.config.contract import Generation
 
 
 @llama_cpp.llama_log_callback
@@ -162,7 +162,7 @@ class LlamaVLM:
         vocab = self.llm._model.vocab
         return [t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
-    def generate(self, prompt: str, canvas: Image.Image, gen: GenerationSpec, grammar: str | None = None,
+    def generate(self, prompt: str, canvas: Image.Image, gen: Generation, grammar: str | None = None,
                  stop_at_eos: bool = True) -> Answer:
         """Decode as the app does. Only greedy is implemented, so the contract must say greedy.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from src.model import hf_vlm
 from src.model.bases import fitted
-from src.config.contract import TargetSpec, VisionSpec
+from src.config.contract import Target, Vision
 from src.runtime.supervise import at, supervise
 from src.config.params import stage_params
 from src.data.files import write_json
@@ -35,7 +35,7 @@ def main() -> None:
     p = stage_params("base")
     c = p["contract"]
     at("torch", f"building the {p['base']['source']} base")
-    model, processor, info = fitted(p["base"], VisionSpec(**c["vision"]), TargetSpec(**c["target"]))
+    model, processor, info = fitted(p["base"], Vision.model_validate(c["vision"]), Target.model_validate(c["target"]))
     # Written beside the output and renamed over it: a killed run never leaves a half-saved base.
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

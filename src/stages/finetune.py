@@ -38,7 +38,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from src.model import hf_vlm
-from src.config.contract import PromptSpec, TargetSpec, VisionSpec, labels_of
+from src.config.contract import LABELS, Prompt, Target, Vision
 from src.runtime.supervise import at, supervise
 from src.config.params import stage_params
 from src.data.files import read_jsonl, sha256_file, write_json
@@ -76,7 +76,8 @@ def fill_feature_cache(model: Any, examples: list[Example], device: torch.device
 def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     """The base model with LoRA, the examples (and their cached features), resumed from the checkpoint if it fits."""
     ft, c = p["finetune"], p["contract"]
-    prompt, labels, target, vision = PromptSpec(**c["prompt"]), labels_of(c), TargetSpec(**c["target"]), VisionSpec(**c["vision"])
+    prompt, labels, target, vision = (Prompt.model_validate(c["prompt"]), LABELS.validate_python(c["labels"]),
+                                      Target.model_validate(c["target"]), Vision.model_validate(c["vision"]))
     torch.manual_seed(ft["seed"])
     model, processor = hf_vlm.load(str(args.base))
     hf_vlm.configure(model, processor, vision, target)  # a no-op on a base stage output; refuses a stale one
@@ -182,11 +183,11 @@ def main() -> None:
         if procs.main:
             shutil.rmtree(args.live, ignore_errors=True)
         with Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) if procs.main else NullLive() as live:
-            fit(run, p["finetune"], labels_of(p["contract"]), procs, args.ckpt, live)
+            fit(run, p["finetune"], LABELS.validate_python(p["contract"]["labels"]), procs, args.ckpt, live)
     finally:
         stop_processes()
     if procs.main:
-        save(run, labels_of(p["contract"]), p["finetune"]["batch_size"], args.out, args.metrics)
+        save(run, LABELS.validate_python(p["contract"]["labels"]), p["finetune"]["batch_size"], args.out, args.metrics)
         b = run.state["best"]
         # A timing is printed, never written into an output: it would change a hash on every machine.
         print(f"finetune: best val_loss {b['val_loss']:.4f} (val_acc {b['val_acc']:.3f}) at epoch {b['epoch']} "

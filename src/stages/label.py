@@ -49,18 +49,18 @@ from typing import Any
 
 from src.labeling import review_queue
 from src.labeling.audit_page import audit_html
-from src.config.contract import labels_of
+from src.config.contract import LABELS
 from src.labeling.answer_cache import AnswerCache
 from src.config.params import stage_params
 from src.data.files import read_jsonl, write_json, write_jsonl, write_text_atomic
 from src.data.refused import name_refused
+from src.config.settings import Label
 from src.labeling.teacher.client import teach
 from src.labeling.teacher.request import (
     BOUNDED_FORMS,
     BatchPending,
     Item,
     Tally,
-    TeacherConfig,
     TeacherFatal,
     cache_key,
     reason_bound,
@@ -146,7 +146,7 @@ def from_manifest(row: dict[str, Any], labels: tuple[str, ...]) -> dict[str, Any
     return {**base, "status": "ok", "element": label, "error": None}
 
 
-def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, ...], cfg: TeacherConfig,
+def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str, ...], cfg: Label,
                  cache_dir: Path, skip: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Label rows from the cache, asking the teacher once per distinct uncached canvas (not those in `skip`)."""
     cache = AnswerCache(cache_dir)
@@ -165,7 +165,7 @@ def from_teacher(rows: list[dict[str, Any]], resize256: Path, labels: tuple[str,
             error = errors.get(keys[r["canvas_sha256"]], "not asked (overridden)")
             out.append({**_base(r, "teacher"), "status": "failed", "element": None, "error": error, "reason": None})
     used = {keys[r["canvas_sha256"]] for r in rows}
-    stats = {"model": cfg.model, "mode": cfg.mode, "unique_canvases": len(wanted), "cache_hits": hits,
+    stats = {"model": cfg.teacher.model, "mode": cfg.teacher.mode, "unique_canvases": len(wanted), "cache_hits": hits,
              "asked": len(todo), **tally.as_dict(),
              "cost_labels_usd": round(sum((cache.get(k) or {}).get("cost_usd", 0.0) for k in used), 9)}
     return out, stats
@@ -199,7 +199,7 @@ def rank_for_review(labelled: list[dict[str, Any]], resize256: Path, base: Path,
 
     Too few photos to hold any out (one class, a class of one photo) is no queue, said on the console and in
     the metrics: the queue advises, so the labels still stand (split judges whether they are enough)."""
-    labels = labels_of(p["contract"])
+    labels = LABELS.validate_python(p["contract"]["labels"])
     q = review_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
     why = review_queue.cannot_hold_out([r["element"] for r in ok], labels)
@@ -211,13 +211,13 @@ def rank_for_review(labelled: list[dict[str, Any]], resize256: Path, base: Path,
     return review_queue.rank(ok, x, labels, q)
 
 
-def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
+def run(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
                 p: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
     """The whole stage on plain params; returns the metrics. SystemExit on a bad config or the failure gate.
 
     Without `base` (a unit test's labels alone) there is no review queue: the audit page lists by class.
     """
-    labels = labels_of(p["contract"])
+    labels = LABELS.validate_python(p["contract"]["labels"])
     lp = p["label"]
     if lp["provider"] not in PROVIDERS:
         raise SystemExit(f"label.provider={lp['provider']!r}: unknown provider (known: {', '.join(PROVIDERS)})")
@@ -230,8 +230,8 @@ def label_stage(resize256: Path, out: Path, metrics: Path, cache_dir: Path, over
                  "cost_labels_usd": 0.0}
     else:
         try:
-            cfg = TeacherConfig.from_params(lp)
-            if cfg.response_format in BOUNDED_FORMS:
+            cfg = Label.model_validate(lp)
+            if cfg.teacher.response_format in BOUNDED_FORMS:
                 reason_bound(cfg, labels)  # a budget with no room for the reason: a config error, before any request
         except ValueError as e:
             raise SystemExit(f"label: {e}") from None
@@ -278,7 +278,7 @@ def main() -> None:
                     help="the base model, whose frozen vision tower ranks the review queue (dvc.yaml passes it; "
                          "without it the labels alone)")
     args = ap.parse_args()
-    m = label_stage(args.resize256, args.out, args.metrics, args.cache, args.overrides, stage_params("label"), args.base)
+    m = run(args.resize256, args.out, args.metrics, args.cache, args.overrides, stage_params("label"), args.base)
     print(f"label: {m['labelled']} labelled, {m['failed']} failed ({m['provider']}; {m['requests']} requests, "
           f"{m['cache_hits']} cache hits, ${m['cost_usd']:.4f}); "
           + (f"review queue: {m['queue']['n_suspects']} suspects in {args.out}/review.csv; "

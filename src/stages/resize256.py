@@ -31,7 +31,6 @@ import hashlib
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from src.data.canvas import CAUSES as CANVAS_CAUSES
 from src.data.canvas import BadImage, render_png
-from src.config.contract import CanvasSpec
+from src.config.contract import Canvas
 from src.config.params import stage_params
 from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.data.refused import name_refused
@@ -52,16 +51,16 @@ CAUSES = (*CANVAS_CAUSES, "missing input", "corrupt input", "duplicate", "unexpe
 NOT_REUSED = ("duplicate", "missing input", "corrupt input")
 
 
-def spec_key(spec: CanvasSpec) -> str:
+def spec_key(spec: Canvas) -> str:
     """Journal entries are only reused under the same canvas contract."""
-    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _rejected(cause: str, detail: str) -> dict[str, Any]:
     return {"status": "rejected", "cause": cause, "reason": f"{cause}: {detail}", "canvas": None, "canvas_sha256": None}
 
 
-def resize_one(task: tuple[Path, str, Path, CanvasSpec]) -> dict[str, Any]:
+def resize_one(task: tuple[Path, str, Path, Canvas]) -> dict[str, Any]:
     """One input file -> its result fields; every failure is a rejection with a reason, never a raise."""
     path, expected_sha, out, spec = task
     try:
@@ -96,7 +95,7 @@ def _resume(out: Path, key: str) -> dict[str, dict[str, Any]]:
     return done
 
 
-def run(download: Path, out: Path, spec: CanvasSpec, workers: int) -> dict[str, Any]:
+def run(download: Path, out: Path, spec: Canvas, workers: int) -> dict[str, Any]:
     """Render every ok manifest row; write records.jsonl and summary.json; return the summary."""
     rows = [r for r in read_jsonl(download / "manifest.jsonl") if r["status"] == "ok"]
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +148,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
     p = stage_params("resize256")
-    run(args.download, args.out, CanvasSpec(**p["contract"]["canvas"]), p["resize256"]["workers"])
+    run(args.download, args.out, Canvas.model_validate(p["contract"]["canvas"]), p["resize256"]["workers"])
 
 
 if __name__ == "__main__":

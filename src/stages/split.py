@@ -22,11 +22,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.config.contract import labels_of
+from src.config.artifacts import SPLITS
+from src.config.contract import LABELS
 from src.config.params import stage_params
 from src.data.files import read_jsonl, write_jsonl
-
-PARTS = ("train", "val", "test")
 
 
 def _rank(seed: int, key: str) -> str:
@@ -53,20 +52,20 @@ def split(rows: list[dict[str, Any]], seed: int, val: float, test: float) -> dic
     by_element: dict[str, list[str]] = defaultdict(list)
     for sha, members in groups.items():
         by_element[group_element(members)].append(sha)
-    parts: dict[str, list[dict[str, Any]]] = {k: [] for k in PARTS}
+    parts: dict[str, list[dict[str, Any]]] = {k: [] for k in SPLITS}
     for element in sorted(by_element):
         shas = sorted(by_element[element], key=lambda s: _rank(seed, s))
         n_test, n_val = round(len(shas) * test), round(len(shas) * val)
         for i, sha in enumerate(shas):
             parts["test" if i < n_test else "val" if i < n_test + n_val else "train"] += groups[sha]
-    for k in PARTS:
+    for k in SPLITS:
         parts[k].sort(key=lambda r: r["id"])
     return parts
 
 
 def counts(parts: dict[str, list[dict[str, Any]]], labels: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """{label: {part: photos}}, every label of the contract included (a class with no photos counts 0)."""
-    return {label: {k: sum(r["element"] == label for r in parts[k]) for k in PARTS} for label in labels}
+    return {label: {k: sum(r["element"] == label for r in parts[k]) for k in SPLITS} for label in labels}
 
 
 def photos_needed(val: float, test: float, min_per_class: int, cap: int = 100_000) -> int | None:
@@ -83,8 +82,8 @@ def sufficiency(c: dict[str, dict[str, int]], val: float, test: float, min_per_c
     short = [f"{label} {k} {n}" for label, per in c.items() for k, n in per.items() if n < min_per_class]
     if not short:
         return None
-    table = [f"    {'class':<10}" + "".join(f"{k:>7}" for k in PARTS)]
-    table += [f"    {label:<10}" + "".join(f"{per[k]:>7}" for k in PARTS) for label, per in c.items()]
+    table = [f"    {'class':<10}" + "".join(f"{k:>7}" for k in SPLITS)]
+    table += [f"    {label:<10}" + "".join(f"{per[k]:>7}" for k in SPLITS) for label, per in c.items()]
     need = photos_needed(val, test, min_per_class)
     hint = (f"each class needs about {need} distinct photos" if need else
             f"no number of photos gives every part {min_per_class} per class")
@@ -95,12 +94,12 @@ def sufficiency(c: dict[str, dict[str, int]], val: float, test: float, min_per_c
             f"split.val / split.test (the shares held out) or split.min_per_class in params.yaml.")
 
 
-def split_stage(label: Path, out: Path, p: dict[str, Any]) -> dict[str, int]:
+def run(label: Path, out: Path, p: dict[str, Any]) -> dict[str, int]:
     """Split LABEL/labels.jsonl's ok rows into OUT/{train,val,test}.jsonl; refuse (SystemExit) too few per class."""
     s = p["split"]
     rows = [r for r in read_jsonl(label / "labels.jsonl") if r["status"] == "ok"]
     parts = split(rows, s["seed"], s["val"], s["test"])
-    refusal = sufficiency(counts(parts, labels_of(p["contract"])), s["val"], s["test"], s["min_per_class"])
+    refusal = sufficiency(counts(parts, LABELS.validate_python(p["contract"]["labels"])), s["val"], s["test"], s["min_per_class"])
     if refusal:
         raise SystemExit(refusal)
     keep = ("id", "canvas", "canvas_sha256", "element")
@@ -117,7 +116,7 @@ def main() -> None:
     ap.add_argument("label", type=Path)
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
-    split_stage(args.label, args.out, stage_params("split"))
+    run(args.label, args.out, stage_params("split"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from src.config.paths import ROOT
 STAGES = "src/stages"
 # Imported by every stage but unable to change what a stage computes: the schema only accepts or
 # refuses params (it never alters a value), so a new range or enum must not rerun the pipeline. The
+# models a stage's code receives (src/config/contract.py, src/config/settings.py) are not here: they are deps. The
 # report only words the console lines that name refused photos: no output holds what it prints.
 NOT_DEPS = {"src/config/schema.py", "src/data/refused.py"}
 

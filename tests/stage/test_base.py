@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from src.model import bases, hf_vlm
-from src.config.contract import VisionSpec
+from src.config.contract import Vision
+from src.config.settings import Builder
 from testkit.project import CONTRACT, ROOT, make_repo, project_params, run, set_param
 
-TINY = hf_vlm.BuilderSpec(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
+TINY = Builder(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,
                        text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, seed=0)
 HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # The real-size profile, as docs/real-size.md's `dvc exp run` states it (a test below keeps the two equal).
@@ -58,10 +59,10 @@ def test_empty_local_dir_and_unknown_source_are_one_line_errors() -> None:
 
 def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     """A base saved at one tile (the hub's layout) comes out at the contract's tile, configured."""
-    model, processor = hf_vlm.build(TINY, VisionSpec(tile=64, longest_edge=128))
+    model, processor = hf_vlm.build(TINY, Vision(tile=64, longest_edge=128))
     model.save_pretrained(tmp_path / "hub", safe_serialization=True)
     processor.save_pretrained(tmp_path / "hub")
-    vision, target = VisionSpec(tile=32, longest_edge=64), CONTRACT.target
+    vision, target = Vision(tile=32, longest_edge=64), CONTRACT.target
     got, proc, info = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")), vision, target)
     assert info["native_tile"] == 64 and info["tile"] == 32 and info["retiled"] is True
     assert got.config.vision_config.image_size == 32
@@ -71,7 +72,7 @@ def test_a_local_directory_is_retiled_and_configured(tmp_path: Path) -> None:
     assert info["image_seq_len"] == proc.image_seq_len == (32 // TINY.patch // TINY.scale_factor) ** 2
     # a base already at the contract's tile is not touched
     _, _, same = bases.fitted(base_params(source="local", local_dir=str(tmp_path / "hub")),
-                              VisionSpec(tile=64, longest_edge=128), target)
+                              Vision(tile=64, longest_edge=128), target)
     assert same["retiled"] is False
 
 
@@ -144,7 +145,7 @@ def test_real_size_local_directory_runs_end_to_end(tmp_path: Path) -> None:
     """The way a user with the hub model will run it: a directory in the hub's layout at 512 px tiles,
     re-tiled to 256 by the base stage, then finetune, convert, quantize, eval_parity (its gates) and release."""
     model, processor = hf_vlm.build_smollm2(seed=0)
-    hf_vlm.configure(model, processor, VisionSpec(tile=512, longest_edge=2048), CONTRACT.target)  # the stock geometry
+    hf_vlm.configure(model, processor, Vision(tile=512, longest_edge=2048), CONTRACT.target)  # the stock geometry
     hub = tmp_path / "SmolVLM-256M-layout"
     model.save_pretrained(hub, safe_serialization=True)
     processor.save_pretrained(hub)

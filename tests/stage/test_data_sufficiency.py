@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from src.data import demo
-from src.stages.split import PARTS, counts, photos_needed, split, sufficiency
+from src.config.artifacts import SPLITS
+from src.stages.split import counts, photos_needed, split, sufficiency
 from testkit.project import CONTRACT, make_repo, run
 
 LABELS = CONTRACT.labels
@@ -25,7 +26,7 @@ def rows(per_class: int) -> list[dict[str, str]]:
 def test_enough_photos_per_class_pass() -> None:
     parts = split(rows(10), seed=0, val=0.15, test=0.15)
     c = counts(parts, LABELS)
-    assert all(c[label][k] >= 2 for label in LABELS for k in PARTS), c
+    assert all(c[label][k] >= 2 for label in LABELS for k in SPLITS), c
     assert sufficiency(c, 0.15, 0.15, 2) is None
 
 
@@ -37,7 +38,7 @@ def test_a_short_class_is_named_with_every_count_and_the_params() -> None:
     first, *table, advice = msg.splitlines()
     assert first.startswith("split: too few photos per class: ") and "below split.min_per_class 2" in first
     assert "metal val 0" in first and "metal test 0" in first and "fire" not in first
-    assert table[0].split() == ["class", *PARTS]
+    assert table[0].split() == ["class", *SPLITS]
     assert dict((t.split()[0], t.split()[1:]) for t in table[1:])["metal"] == ["1", "0", "0"]
     assert "each class needs about 10 distinct photos" in advice
     for param in ("split.val", "split.test", "split.min_per_class"):

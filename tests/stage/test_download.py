@@ -12,7 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.stages.download import HttpConfig, run
+from src.stages.download import run
+from src.config.settings import Http
 from src.data.files import read_jsonl, sha256
 from src.data.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
 from testkit.project import kill_midway, make_repo
@@ -21,7 +22,7 @@ from testkit.project import run as run_cmd
 from testkit.http_server import LoopbackServer, Route, drip, flaky, no_length, ok, redirect, stall, status
 
 # A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
-FAST = HttpConfig(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",
+FAST = Http(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",
                   snapshot="s1")
 
 
@@ -33,14 +34,10 @@ def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 32)) 
     return buf.getvalue()
 
 
-
-
 def write_manifest(path: Path, urls: list[str], labels: list[str] | None = None) -> Path:
     labels = labels or ["fire"] * len(urls)
     path.write_text("".join(json.dumps({"url": u, "label": lab}) + "\n" for u, lab in zip(urls, labels)))
     return path
-
-
 
 
 GOOD = [image_bytes(i, "JPEG" if i % 2 else "PNG") for i in range(3)]
@@ -134,10 +131,11 @@ def test_failure_gate_passes_below_and_stops_above_with_a_clear_message(tmp_path
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from src.stages.download import HttpConfig, run
+from src.stages.download import run
+from src.config.settings import Http
 from src.data.sources import manifest_items
 out, manifest = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
+cfg = Http(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**6, user_agent="t", snapshot="s1")
 run(manifest_items(manifest), out, out.parent / (out.name + ".json"), cfg, 1.0)
 """
 

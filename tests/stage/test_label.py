@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from src.config.paths import ROOT
-from src.stages.label import label_stage
+from src.stages.label import run as label_stage
 from src.data.files import read_jsonl, write_jsonl
 from testkit.project import CONTRACT, params_for, project_params
 from testkit.photos import make_canvases
@@ -32,9 +32,7 @@ LABELS = CONTRACT.labels
 KEY = "sk-test-LEAKCANARY-" + uuid.uuid4().hex
 
 
-
-
-def params(base_url: str = "", **changes: Any) -> dict[str, Any]:
+def params(base_url: str = "http://127.0.0.1:1/v1", **changes: Any) -> dict[str, Any]:
     """The repo's declared label params, pointed at the fake server, with test-sized delays."""
     p = copy.deepcopy(params_for("label"))
     lp = p["label"]
@@ -206,14 +204,15 @@ def test_the_cache_survives_a_line_torn_by_a_kill(tmp_path: Path) -> None:
 
 
 def test_cache_key_is_canvas_model_prompt_schema() -> None:
-    from src.labeling.teacher.request import TeacherConfig, cache_key
+    from src.config.settings import Label
+    from src.labeling.teacher.request import cache_key
 
-    cfg = TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"])
+    cfg = Label.model_validate(params("http://127.0.0.1:1/v1")["label"])
     k = cache_key("a" * 64, cfg, LABELS)
-    assert k == cache_key("a" * 64, TeacherConfig.from_params(params("http://elsewhere/v1", concurrency=9)["label"]), LABELS)
+    assert k == cache_key("a" * 64, Label.model_validate(params("http://elsewhere/v1", concurrency=9)["label"]), LABELS)
     assert k != cache_key("b" * 64, cfg, LABELS)
-    assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__model="other")["label"]), LABELS)
-    assert k != cache_key("a" * 64, TeacherConfig.from_params(params(teacher__prompt="x {labels}")["label"]), LABELS)
+    assert k != cache_key("a" * 64, Label.model_validate(params(teacher__model="other")["label"]), LABELS)
+    assert k != cache_key("a" * 64, Label.model_validate(params(teacher__prompt="x {labels}")["label"]), LABELS)
     assert k != cache_key("a" * 64, cfg, (*LABELS, "void"))  # the schema's enum
 
 
@@ -255,26 +254,32 @@ def test_a_refused_field_stops_the_stage_in_one_line_naming_it(tmp_path: Path, k
         assert srv.chat_requests == 1
 
 
-def test_an_unknown_request_form_is_one_line_before_any_request(tmp_path: Path, key: str) -> None:
-    make_canvases(tmp_path / "resize256", 2)
-    with pytest.raises(SystemExit, match=r"^label: label.teacher.response_format='xml': expected json_schema, json_object "
-                                         r"or json_schema_bounded$"):
-        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__response_format="xml"))
-    with pytest.raises(SystemExit, match=r"label.teacher.max_tokens_field='n_predict': expected max_completion_tokens or max_tokens"):
-        run_stage(tmp_path, params("http://127.0.0.1:1/v1", teacher__max_tokens_field="n_predict"))
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("response_format", "xml", "json_schema, json_object, json_schema_bounded"),
+    ("max_tokens_field", "n_predict", "max_completion_tokens, max_tokens")])
+def test_an_unknown_request_form_is_one_line_before_any_request(field: str, value: str, expected: str) -> None:
+    """The schema refuses it as the stage starts (src.config.params.stage_params validates first): one line, no request."""
+    from src.config.schema import ParamsError, validate
+
+    p = project_params()
+    p["label"]["teacher"][field] = value
+    with pytest.raises(ParamsError) as e:
+        validate(p)
+    assert e.value.lines == [f"params.yaml: label.teacher.{field} = {value!r}: not a known value; expected one of {expected}"]
 
 
 def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(tmp_path: Path, key: str) -> None:
-    from src.labeling.teacher.request import TeacherConfig, request_body
+    from src.config.settings import Label
+    from src.labeling.teacher.request import request_body
 
-    body = request_body(TeacherConfig.from_params(params("http://127.0.0.1:1/v1")["label"]), LABELS, b"png")
+    body = request_body(Label.model_validate(params("http://127.0.0.1:1/v1")["label"]), LABELS, b"png")
     # OpenAI's strict form, as it was before the bound: nothing outside the subset OpenAI accepts
     assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "element_label", "strict": True, "schema": {
         "type": "object", "properties": {"element": {"type": "string", "enum": list(LABELS)},
                                          "reason": {"type": "string", "description": "a few words: what in the image decided it"}},
         "required": ["element", "reason"], "additionalProperties": False}}}
     assert body["max_completion_tokens"] == 100 and "max_tokens" not in body
-    local = request_body(TeacherConfig.from_params(params(teacher__response_format="json_object",
+    local = request_body(Label.model_validate(params(teacher__response_format="json_object",
                                                           teacher__max_tokens_field="max_tokens")["label"]), LABELS, b"png")
     # 59 = 100 - len('{"element":"metal","reason":""}') (31) - 9 optional spaces - 1 end-of-text token
     assert local["response_format"]["schema"]["properties"]["reason"] == {
@@ -282,7 +287,7 @@ def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(
         "maxLength": 59, "pattern": "^[ !#-Z^-~]{0,59}$"}
     assert local["max_tokens"] == 100
     # vLLM's form: OpenAI's wrapper, the same bound as a pattern alone (xgrammar drops maxLength beside a pattern)
-    vllm = request_body(TeacherConfig.from_params(params(teacher__response_format="json_schema_bounded",
+    vllm = request_body(Label.model_validate(params(teacher__response_format="json_schema_bounded",
                                                          teacher__max_tokens_field="max_tokens")["label"]), LABELS, b"png")
     bounded = copy.deepcopy(body["response_format"])
     bounded["json_schema"]["schema"]["properties"]["reason"]["pattern"] = "^[ !#-Z^-~]{0,59}$"
@@ -296,13 +301,14 @@ def test_the_openai_request_is_unchanged_and_the_grammar_form_bounds_the_reason(
 
 
 def test_a_cut_off_answer_is_asked_once_more_with_room_then_names_the_param(tmp_path: Path, key: str) -> None:
-    from src.labeling.teacher.request import TeacherConfig, retry_budget
+    from src.config.settings import Label
+    from src.labeling.teacher.request import retry_budget
 
     truth = make_canvases(tmp_path / "resize256", 4)
     s = sorted(truth)
     with FakeOpenAI(truth, key, faults={s[0]: ["cutoff"]}, always={s[1]: "cutoff"}) as srv:
         p = params(srv.base_url, answer_attempts=1, max_failure_rate=0.5)
-        room = retry_budget(TeacherConfig.from_params(p["label"]))
+        room = retry_budget(Label.model_validate(p["label"]))
         assert room == 100 + 9 * 21  # llama-server's grammar: up to 22 whitespace characters after each JSON token
         m = run_stage(tmp_path, p)
         rows = labels_by_sha(tmp_path)
@@ -375,10 +381,11 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
 
     from src.runtime.grammar import Constraint
     from src.runtime.llama_vlm import silence
-    from src.labeling.teacher.request import TeacherConfig, answer_schema, request_body
+    from src.config.settings import Label
+    from src.labeling.teacher.request import answer_schema, request_body
     from src.model.hf_vlm import smollm2_gguf
 
-    cfg = TeacherConfig.from_params(params(teacher__response_format="json_object", teacher__max_tokens_field="max_tokens")["label"])
+    cfg = Label.model_validate(params(teacher__response_format="json_object", teacher__max_tokens_field="max_tokens")["label"])
     bounded = request_body(cfg, LABELS, b"png")["response_format"]["schema"]
     silence()
     llm = Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
@@ -396,7 +403,7 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
         def ramble(schema: dict[str, Any]) -> tuple[list[int], bool]:
             out: list[int] = []
             with Constraint(vocab, json_schema_to_gbnf(json.dumps(schema)), n) as c:
-                while len(out) < cfg.max_tokens:
+                while len(out) < cfg.teacher.max_tokens:
                     tok = int(np.argmax(c.mask(rambler)))
                     if tok in end:  # llama-cpp-python stops at any end-of-generation token
                         return out, True
@@ -407,7 +414,7 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
         out, closed = ramble(bounded)
         answer = json.loads(llm.detokenize(out))
         # llama-cpp-python stops at `length` once it holds max_tokens tokens: the end-of-text token needs one more
-        assert closed and len(out) <= cfg.max_tokens - 1, (len(out), llm.detokenize(out))
+        assert closed and len(out) <= cfg.teacher.max_tokens - 1, (len(out), llm.detokenize(out))
         assert answer["element"] in LABELS and len(answer["reason"]) == 59  # it rambled up to the bound
         out, closed = ramble(answer_schema(LABELS))
         assert not closed  # unbounded, the same rambler runs through the whole budget
@@ -469,13 +476,14 @@ def test_batch_mode_submits_once_resumes_after_restart_and_imports_into_the_cach
 
 def test_batch_mode_asks_a_cut_off_answer_once_more_in_a_follow_up_batch_and_resumes_without_paying_twice(
         tmp_path: Path, key: str) -> None:
-    from src.labeling.teacher.request import TeacherConfig, retry_budget
+    from src.config.settings import Label
+    from src.labeling.teacher.request import retry_budget
 
     truth = make_canvases(tmp_path / "resize256", 4)
     s = sorted(truth)
     with FakeOpenAI(truth, key, faults={s[0]: ["cutoff"]}, always={s[1]: "cutoff"}) as srv:
         p = params(srv.base_url, teacher__mode="batch", max_failure_rate=0.5, answer_attempts=1)
-        room = retry_budget(TeacherConfig.from_params(p["label"]))
+        room = retry_budget(Label.model_validate(p["label"]))
         m = run_stage(tmp_path, p)
         rows = labels_by_sha(tmp_path)
         # the follow-up batch holds the two cut-off requests only, with the room the bound needs
@@ -610,7 +618,6 @@ def test_dvc_repro_keeps_the_cache_and_never_records_the_key(tmp_path: Path, mon
 # -- a real local teacher: llama-cpp-python's own server --------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """`python -m llama_cpp.server` on loopback, serving a tiny SmolVLM built, configured, converted and
@@ -621,13 +628,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from src.model import hf_vlm
     from src.config.contract import Contract
     from src.runtime.llama_build import convert
+    from src.config.settings import Builder
     from src.stages.quantize_q8 import quantize
     from testkit.project import TINY_MODEL
 
     tmp = tmp_path_factory.mktemp("llama")
     params_yaml = project_params()
     c = Contract.from_dict(params_yaml["contract"])
-    model, processor = hf_vlm.build(hf_vlm.BuilderSpec(**TINY_MODEL), c.vision)
+    model, processor = hf_vlm.build(Builder.model_validate(TINY_MODEL), c.vision)
     hf_vlm.configure(model, processor, c.vision, c.target)
     hf_vlm.save(model, processor, tmp / "hf")
     # the release's path: f32, then llama.cpp's Q8_0 quantiser; the mmproj in the release's outtype

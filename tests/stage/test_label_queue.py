@@ -21,8 +21,10 @@ from src.data import demo
 from src.labeling import review_queue
 
 from src.model import hf_vlm
+from src.config.artifacts import SPLITS
 from src.data.files import read_jsonl
-from src.stages.label import label_stage, match_overrides, read_overrides
+from src.stages.label import match_overrides, read_overrides
+from src.stages.label import run as label_stage
 from testkit.project import CONTRACT, TINY, make_repo, params_for, run
 from testkit.photos import make_canvases
 
@@ -268,7 +270,7 @@ def test_an_override_by_file_name_relabels_the_photo_and_reruns_only_label_and_a
     labels = {r["name"]: r for r in read_jsonl(repo / "data/label/labels.jsonl")}
     assert labels[top["name"]]["element"] == top["guess"] != top["label"]
     assert labels[top["name"]]["provider"] == "override"
-    split = [r for s in ("train", "val", "test") for r in read_jsonl(repo / f"data/split/{s}.jsonl")]
+    split = [r for s in SPLITS for r in read_jsonl(repo / f"data/split/{s}.jsonl")]
     assert next(r["element"] for r in split if r["name"] == top["name"]) == top["guess"]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)["metrics/label.json"]
     assert diff["overrides_applied"] == {"old": 0, "new": 1, "diff": 1}

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +94,9 @@ def test_reading_links_consecutive_photos() -> None:
 
 
 def test_canvas_follows_contract_json_not_params(tmp_path: Path) -> None:
-    """The client draws with the bundle's CanvasSpec, exactly as src/data/canvas.py does for training."""
-    spec = replace(CONTRACT.canvas, size=96, resample="lanczos")
-    contract, _, _ = load_bundle(stub_bundle(tmp_path / "b", replace(CONTRACT, canvas=spec)))
+    """The client draws with the bundle's Canvas, exactly as src/data/canvas.py does for training."""
+    spec = CONTRACT.canvas.model_copy(update={"size": 96, "resample": "lanczos"})
+    contract, _, _ = load_bundle(stub_bundle(tmp_path / "b", CONTRACT.model_copy(update={"canvas": spec})))
     p = photo(tmp_path / "a.jpg")
     (canvas,) = canvases([p], contract)
     assert canvas.size == (96, 96)

@@ -24,7 +24,7 @@ import yaml
 
 from src.config.contract import Contract
 from src.runtime.grammar import gbnf
-from src.config.artifacts import BUNDLE, PLOTS
+from src.config.artifacts import BUNDLE, PLOTS, SPLITS
 from src.quality.plots import INVALID, per_class_accuracy
 from src.data.files import write_jsonl
 from src.quality.card import card_markdown, dvc_hashes, file_hashes, model_card
@@ -94,7 +94,7 @@ def test_card_states_metrics_data_and_files_for_people() -> None:
     parity = {"n_test": 4, "accuracy": {"q8_0": 0.75}, "agreement": {"q8_0": 1.0}, "invalid_rate": {"q8_0": 0.0},
               "arm64": {"n": 2, "variants": {"dotprod": {"march": "armv8.2-a+dotprod", "qemu_cpu": "cortex-a76"}}}}
     per_class = per_class_accuracy([A, A, B, D], [A, B, B, D], C.labels)
-    counts = {s: {"n": 1, **{x: int(x == A) for x in C.labels}} for s in ("train", "val", "test")}
+    counts = {s: {"n": 1, **{x: int(x == A) for x in C.labels}} for s in SPLITS}
     files = {BUNDLE["model"]: {"bytes": 3, "md5": "m", "sha256": "s" * 64}}
     card = model_card(C, p, parity, {"val_acc": 1.0}, per_class, counts, files, {"models/q8": "abc"})
     assert card["labels"] == list(C.labels) and card["metrics"]["test_q8_0"]["accuracy"] == 0.75
@@ -135,7 +135,7 @@ def test_model_card_states_metrics_base_data_params_and_hashes(tiny_repo: Path) 
     assert sum(v["n"] for v in per_class.values()) == parity["n_test"]
     assert card["base_model"]["revision"] == params["base"]["revision"]
     assert card["base_model"]["hub_id"] == params["base"]["hub_id"]
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         n = len((tiny_repo / p["split"] / f"{split}.jsonl").read_text().splitlines())
         assert card["data"][split]["n"] == n
     assert card["params"]["contract"] == params["contract"]

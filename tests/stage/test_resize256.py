@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import re
 import struct
@@ -15,14 +14,15 @@ from PIL import Image
 
 from src.stages import download, resize256
 from src.data.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
-from src.config.contract import CanvasSpec
+from src.config.contract import Canvas
 from src.data.files import read_jsonl, sha256
+from src.config.settings import Http
 from src.data.sources import folder_items
 from testkit.project import CONTRACT, kill_midway
 from testkit.photos import png_header_only, tree
 
 SPEC = CONTRACT.canvas
-CFG = download.HttpConfig(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
+CFG = Http(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")
 
 
 def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -84,7 +84,7 @@ def awkward_inputs() -> dict[str, bytes]:
     }
 
 
-def pipeline(tmp: Path, files: dict[str, bytes], spec: CanvasSpec = SPEC, workers: int = 2) -> tuple[dict, dict]:
+def pipeline(tmp: Path, files: dict[str, bytes], spec: Canvas = SPEC, workers: int = 2) -> tuple[dict, dict]:
     """Folder -> download -> resize256; (records by file name, summary)."""
     src = tmp / "photos"
     src.mkdir(exist_ok=True)
@@ -151,7 +151,7 @@ def test_every_awkward_input_is_drawn_or_rejected_with_its_cause(tmp_path: Path)
 
 def test_exif_apply_rotates_first(tmp_path: Path) -> None:
     recs, info = pipeline(tmp_path, {k: v for k, v in awkward_inputs().items() if k == "exif6.jpg"},
-                          spec=dataclasses.replace(SPEC, exif="apply"))
+                          spec=SPEC.model_copy(update={"exif": "apply"}))
     c = canvas(info["out"], recs["exif6.jpg"])
     assert c[128, 10].max() == 0 and c[10, 128, 0] > 150  # portrait: pillarboxed left and right
 
@@ -246,7 +246,7 @@ def test_a_rerun_renders_only_new_photos_and_a_new_contract_renders_all(
     assert "; 6 resumed ->" in capsys.readouterr().out
     resize256.run(dl, tmp_path / "clean", SPEC, 1)
     assert tree(out) == tree(tmp_path / "clean")
-    resize256.run(dl, out, dataclasses.replace(SPEC, size=SPEC.size // 2), 1)
+    resize256.run(dl, out, SPEC.model_copy(update={"size": SPEC.size // 2}), 1)
     assert "; 0 resumed ->" in capsys.readouterr().out
 
 
@@ -314,7 +314,7 @@ def test_a_heic_rotation_is_part_of_its_image_whatever_canvas_exif_says(exif: st
     exif_tag = Image.Exif()
     exif_tag[0x0112] = 6  # pillow-heif writes this as the file's irot box, as a phone does
     data = save(Image.new("RGB", (40, 20), (200, 200, 0)), "HEIF", exif=exif_tag.tobytes())
-    assert decode(data, dataclasses.replace(SPEC, exif=exif)).size == (20, 40)
+    assert decode(data, SPEC.model_copy(update={"exif": exif})).size == (20, 40)
 
 
 def test_rejected_photos_are_named_on_the_console_with_their_cause(

@@ -7,12 +7,11 @@ import pytest
 from PIL import Image
 
 from src.data.canvas import BadImage, android_canvas, canvas_png, fit_box, to_canvas
-from src.config.contract import CanvasSpec
-from testkit.project import project_params
+from testkit.project import CONTRACT
 
-SPEC = CanvasSpec(**project_params()["contract"]["canvas"])
+SPEC = CONTRACT.canvas
 # PIL's own bilinear path, compared with the Skia drawing (the contract's default is the Skia drawing itself)
-PIL_SPEC = CanvasSpec(**{**SPEC.__dict__, "resample": "bilinear"})
+PIL_SPEC = SPEC.model_copy(update={"resample": "bilinear"})
 
 
 def smooth(w: int, h: int, alpha: bool = False) -> Image.Image:
@@ -60,7 +59,7 @@ def test_transparent_pixels_composite_to_black_not_their_hidden_colour() -> None
     img = smooth(SPEC.size, SPEC.size, alpha=True)  # no scaling: the alpha rule alone decides
     for spec in (SPEC, PIL_SPEC):
         comp = np.asarray(to_canvas(img, spec))
-        dropped = np.asarray(to_canvas(img, CanvasSpec(**{**spec.__dict__, "alpha": "drop"})))
+        dropped = np.asarray(to_canvas(img, spec.model_copy(update={"alpha": "drop"})))
         assert comp[:, :60].max() == 0  # transparent border, composited over black
         assert dropped[:, :60].min() == 255  # 'drop' keeps the hidden white, as PIL convert("RGB") would
     np.testing.assert_array_equal(np.asarray(to_canvas(img, PIL_SPEC)), np.asarray(android_canvas(img, SPEC)))
@@ -100,6 +99,6 @@ def test_skia_resample_is_bilinear_sampling_on_black(w: int, h: int) -> None:
     texture: nearest-neighbour, mipmapped or box sampling, or an offset by a pixel, are off by tens of levels
     there; Skia's fixed-point weights stay within one level of the float reference."""
     img = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8, endpoint=True), "RGB")
-    spec = CanvasSpec(**{**SPEC.__dict__, "resample": "skia_bilinear"})
+    spec = SPEC.model_copy(update={"resample": "skia_bilinear"})
     got = np.asarray(to_canvas(img, spec)).astype(np.float64)
     assert np.abs(got - bilinear_reference(img, SPEC.size)).max() <= 1

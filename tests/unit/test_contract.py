@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from src.config.paths import ROOT
-from src.config.contract import Contract, PromptSpec
+from src.config.contract import LABELS, Contract, Prompt
+from src.stages.resize256 import spec_key
 from testkit.project import project_params
 
 CONTRACT = project_params()["contract"]
@@ -26,14 +30,37 @@ def test_prompt_renders_the_app_string_with_each_runtime_marker() -> None:
 
 @pytest.mark.parametrize("template", ["no image here", "{image}{image} twice"])
 def test_template_must_hold_the_image_slot_once(template: str) -> None:
-    with pytest.raises(ValueError, match="exactly once"):
-        PromptSpec(template=template, chat_template=False).render("<image>", ("a",))
+    """A prompt that breaks the rule cannot be constructed: render never sees one."""
+    with pytest.raises(ValidationError, match="exactly once"):
+        Prompt(template=template, chat_template=False)
+    with pytest.raises(ValidationError, match="exactly once"):
+        Contract.from_dict({**CONTRACT, "prompt": {"template": template, "chat_template": False}})
+
+
+def test_labels_repeat_is_refused_once_for_both_ways_in() -> None:
+    """The contract and a stage that declares only contract.labels check the labels by one rule."""
+    twice = [CONTRACT["labels"][0]] * 2
+    with pytest.raises(ValidationError, match="labels repeat"):
+        Contract.from_dict({**CONTRACT, "labels": twice})
+    with pytest.raises(ValidationError, match="labels repeat"):
+        LABELS.validate_python(twice)
+    assert LABELS.validate_python(CONTRACT["labels"]) == Contract.from_dict(CONTRACT).labels == tuple(CONTRACT["labels"])
 
 
 def test_contract_json_round_trips(tmp_path: Path) -> None:
     c = Contract.from_dict(CONTRACT)
     (tmp_path / "contract.json").write_text(c.to_json())
     assert Contract.load(tmp_path / "contract.json") == c
+
+
+def test_contract_json_and_canvas_key_keep_their_bytes() -> None:
+    """contract.json (shipped) and resize256's canvas key (in its summary.json) are the params' own values: the
+    same keys, ints as ints and floats as floats, sorted, whatever classes carry them (golden: the dataclasses'
+    asdict gave exactly this)."""
+    raw = project_params()["contract"]
+    c = Contract.from_dict(raw)
+    assert c.to_json() == json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    assert spec_key(c.canvas) == hashlib.sha256(json.dumps(raw["canvas"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_generation_is_greedy_and_bounded() -> None:

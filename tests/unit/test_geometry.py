@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 
 from src.model import geometry, hf_vlm
-from src.config.contract import VisionSpec
+from src.config.contract import Vision
 from src.runtime.llama_build import convert
 from src.runtime.llama_vlm import LlamaVLM, expand
+from src.config.settings import Builder
 from testkit.project import CONTRACT, TINY_MODEL
 
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.
-TINY = hf_vlm.BuilderSpec(**TINY_MODEL)
-OLD, NEW = VisionSpec(tile=128, longest_edge=256), VisionSpec(tile=64, longest_edge=128)
+TINY = Builder.model_validate(TINY_MODEL)
+OLD, NEW = Vision(tile=128, longest_edge=256), Vision(tile=64, longest_edge=128)
 
 
 def canvas(seed: int) -> Image.Image:

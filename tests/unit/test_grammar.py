@@ -15,7 +15,7 @@ import yaml
 
 import llama_cpp
 
-from src.config.contract import Contract, TargetSpec
+from src.config.contract import Contract, Target
 from src.runtime.grammar import Constraint, GrammarError, admits, gbnf, literal
 from src.runtime.llama_vlm import silence
 from testkit.project import CONTRACT
@@ -89,7 +89,7 @@ def test_admits_exactly_the_labels_then_eos(vocab: llama_cpp.Llama) -> None:
 
 
 def test_prefix_and_odd_labels_follow_the_target_spec(vocab: llama_cpp.Llama) -> None:
-    g = gbnf(('say "hi"', "back\\slash"), TargetSpec("", TARGET.eos))
+    g = gbnf(('say "hi"', "back\\slash"), Target(prefix="", eos=TARGET.eos))
     assert accepts(vocab, g, 'say "hi"') and accepts(vocab, g, "back\\slash")
     assert not accepts(vocab, g, ' say "hi"')
 

@@ -337,3 +337,14 @@ def test_the_readme_layout_names_every_module_that_exists() -> None:
     broken = readme.replace("· canvas.py (photo", "· kanvas.py (photo")
     assert layout_map_problems(broken) == ["Layout: src/data/canvas.py is not named",
                                            "Layout: src/data/kanvas.py does not exist"]
+
+
+def test_the_params_types_import_nothing_outside_config() -> None:
+    """The typed params (schema, contract, settings) import only src/config: feature code imports its types from
+    them, never the other way; and the models code receives never import the schema (it is not a code dep)."""
+    config = ROOT / "src" / "config"
+    typed = {config / name for name in ("schema.py", "contract.py", "settings.py")}
+    for f in typed:
+        assert {g.parent for g in deps.imports(f, ROOT)} <= {config}, (f, deps.imports(f, ROOT))
+    for f in typed - {config / "schema.py"}:
+        assert config / "schema.py" not in deps.imports(f, ROOT), f

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 from src.data import demo
+from src.config.artifacts import SPLITS
 from src.data.files import read_jsonl, sha256, write_jsonl
 from src.stages import label, release, resize256, split
 from src.parity.ladder import Row, images_csv
@@ -48,8 +49,8 @@ def through_split(tmp: Path, named: bool) -> tuple[dict[str, str], Path, Path]:
     dl = download_dir(tmp, N, named)
     rs, lab, sp = tmp / "resize256", tmp / "label", tmp / "split"
     resize256.run(dl, rs, SPEC, 1)
-    label.label_stage(rs, lab, tmp / "label.json", tmp / "cache", None, LABEL_PARAMS)
-    split.split_stage(lab, sp, SPLIT_PARAMS)
+    label.run(rs, lab, tmp / "label.json", tmp / "cache", None, LABEL_PARAMS)
+    split.run(lab, sp, SPLIT_PARAMS)
     expected = {r["id"]: r.get("name", r["id"]) for r in read_jsonl(dl / "manifest.jsonl")}
     return expected, rs, sp
 
@@ -59,7 +60,7 @@ def test_name_travels_from_the_manifest_to_the_split_rows(tmp_path: Path) -> Non
     assert {r["id"]: r["name"] for r in read_jsonl(rs / "records.jsonl")} == expected
     html = (tmp_path / "label" / "audit.html").read_text()
     assert "example.org/photos/0.jpg" in html and "IMG_0001.jpg" in html
-    rows = [r for part in ("train", "val", "test") for r in read_jsonl(sp / f"{part}.jsonl")]
+    rows = [r for part in SPLITS for r in read_jsonl(sp / f"{part}.jsonl")]
     assert len(rows) == N and all(r["name"] == expected[r["id"]] for r in rows)
     assert any(r["name"].startswith("https://") for r in rows) and any(r["name"].endswith(".jpg") for r in rows)
 

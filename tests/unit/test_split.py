@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from src.data.files import read_jsonl, write_jsonl
+from src.config.artifacts import SPLITS
 from testkit.project import CONTRACT
-from src.stages.split import PARTS, split, split_stage
+from src.data.files import read_jsonl, write_jsonl
+from src.stages.split import run as split_stage
+from src.stages.split import split
 
 LABELS = CONTRACT.labels
 
@@ -37,7 +39,7 @@ def test_every_row_lands_once_and_each_class_is_cut_in_proportion() -> None:
     assert sorted(r["id"] for p in parts.values() for r in p) == sorted(r["id"] for r in rows)
     for name, share in (("test", 0.15), ("val", 0.15)):
         assert Counter(r["element"] for r in parts[name]) == {label: round(40 * share) for label in LABELS}
-    assert all(parts[k] == sorted(parts[k], key=lambda r: r["id"]) for k in PARTS)
+    assert all(parts[k] == sorted(parts[k], key=lambda r: r["id"]) for k in SPLITS)
 
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another() -> None:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from src.model import hf_vlm
-from src.config.contract import VisionSpec
+from src.config.contract import Vision
 from testkit.project import CONTRACT
 
 
@@ -74,7 +74,7 @@ def test_configure_writes_geometry_and_eos_that_survive_saving(tiny: tuple[Any, 
 def test_a_tile_the_encoder_does_not_take_is_refused(tiny: tuple[Any, Any]) -> None:
     model, processor = tiny
     with pytest.raises(ValueError, match="tile"):
-        hf_vlm.configure(model, processor, VisionSpec(tile=CONTRACT.vision.tile * 2, longest_edge=CONTRACT.vision.longest_edge), CONTRACT.target)
+        hf_vlm.configure(model, processor, Vision.model_construct(tile=CONTRACT.vision.tile * 2, longest_edge=CONTRACT.vision.longest_edge), CONTRACT.target)
 
 
 def test_cached_features_give_the_same_loss(tiny: tuple[Any, Any]) -> None:

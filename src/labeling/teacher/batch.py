@@ -26,13 +26,13 @@ import openai
 
 from src.labeling.answer_cache import AnswerCache
 from src.data.files import append_jsonl, read_jsonl
+from src.config.settings import Label
 from src.labeling.teacher.request import (
     BadAnswer,
     BatchPending,
     CutOff,
     Item,
     Tally,
-    TeacherConfig,
     answer_record,
     cut_off_line,
     parse_completion,
@@ -109,7 +109,7 @@ def _adopt(client: openai.OpenAI, file_id: str, tally: Tally) -> str | None:
 
 
 def _send(client: openai.OpenAI, chunk: list[tuple[Item, bytes]], budget: int | None, labels: tuple[str, ...],
-          cfg: TeacherConfig, log: BatchLog, tally: Tally) -> tuple[str, Pending]:
+          cfg: Label, log: BatchLog, tally: Tally) -> tuple[str, Pending]:
     """Upload and submit one batch, logging each step before the next; (batch id, what it holds)."""
     lines = [json.dumps({"custom_id": it.key, "method": "POST", "url": "/v1/chat/completions",
                          "body": request_body(cfg, labels, png, budget)}) for it, png in chunk]
@@ -122,7 +122,7 @@ def _send(client: openai.OpenAI, chunk: list[tuple[Item, bytes]], budget: int | 
     return batch_id, pending
 
 
-def _import(client: openai.OpenAI, batch: Any, pending: Pending, labels: tuple[str, ...], cfg: TeacherConfig,
+def _import(client: openai.OpenAI, batch: Any, pending: Pending, labels: tuple[str, ...], cfg: Label,
             cache: AnswerCache, tally: Tally, secret: str) -> tuple[dict[str, str], list[str]]:
     """Put a finished batch's valid answers into the cache; (the errors of the rest by key, the keys cut off
     at the token budget), a cut-off key not among the errors: it may be asked once more."""
@@ -174,7 +174,7 @@ def _readable(items: list[Item], errors: dict[str, str]) -> list[tuple[Item, byt
     return out
 
 
-def label_batch(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...], cfg: TeacherConfig,
+def label_batch(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...], cfg: Label,
                 cache: AnswerCache, tally: Tally, cache_dir: Path, secret: str) -> dict[str, str]:
     """Submit what no batch holds yet, then poll every open batch, import what finished, and ask the
     cut-off answers once more in a follow-up batch.
@@ -194,7 +194,7 @@ def label_batch(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...]
     for chunk in _chunks(_readable([it for it in todo if it.key not in held], errors), BATCH_MAX_LINES):
         batch_id, open_batches[batch_id] = _send(client, chunk, None, labels, cfg, log, tally)
         print(f"label: submitted batch {batch_id} ({len(chunk)} requests)")
-    deadline = time.monotonic() + cfg.batch_wait_s
+    deadline = time.monotonic() + cfg.batch.wait_s
     while open_batches:
         for batch_id in list(open_batches):
             tally.add(requests=1)
@@ -202,7 +202,7 @@ def label_batch(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...]
                 batch = client.batches.retrieve(batch_id)
             except openai.NotFoundError:  # another account or server: its requests are submitted again next run
                 for key in open_batches.pop(batch_id).requests:
-                    errors[key] = f"batch {batch_id} is unknown to {cfg.base_url}"
+                    errors[key] = f"batch {batch_id} is unknown to {cfg.teacher.base_url}"
                 log.add(event="imported", batch_id=batch_id, status="not_found")
                 continue
             if batch.status not in BATCH_DONE:
@@ -222,13 +222,13 @@ def label_batch(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...]
                 for chunk in _chunks(_readable(again, errors), BATCH_MAX_LINES):
                     retry_id, open_batches[retry_id] = _send(client, chunk, retry_budget(cfg), labels, cfg, log, tally)
                     print(f"label: submitted batch {retry_id} ({len(chunk)} answers cut off at "
-                          f"{cfg.max_tokens_field}={cfg.max_tokens}, asked again with {retry_budget(cfg)})")
+                          f"{cfg.teacher.max_tokens_field}={cfg.teacher.max_tokens}, asked again with {retry_budget(cfg)})")
             log.add(event="imported", batch_id=batch_id, status=batch.status)  # after its follow-up is logged
             print(f"label: batch {batch_id} {batch.status}, imported")
-        if open_batches and time.monotonic() + cfg.batch_poll_s > deadline:
+        if open_batches and time.monotonic() + cfg.batch.poll_s > deadline:
             raise BatchPending(f"batches {sorted(open_batches)} still running after label.batch.wait_s="
-                               f"{cfg.batch_wait_s:g} s; their ids are in {log.path}: rerun to resume polling "
+                               f"{cfg.batch.wait_s:g} s; their ids are in {log.path}: rerun to resume polling "
                                f"(nothing is submitted twice)")
         if open_batches:
-            time.sleep(cfg.batch_poll_s)
+            time.sleep(cfg.batch.poll_s)
     return errors

@@ -24,13 +24,13 @@ import openai
 from tqdm import tqdm
 
 from src.labeling.answer_cache import AnswerCache
+from src.config.settings import Label
 from src.labeling.teacher.request import (
     BadAnswer,
     CutOff,
     Item,
     ItemFailed,
     Tally,
-    TeacherConfig,
     TeacherFatal,
     answer_record,
     cut_off_line,
@@ -80,7 +80,7 @@ def retry_after(headers: Any) -> float | None:
     return None
 
 
-def _backoff(cfg: TeacherConfig, attempt: int) -> float:
+def _backoff(cfg: Label, attempt: int) -> float:
     # exponential with jitter, so workers that failed together do not retry together
     return min(MAX_BACKOFF_S, cfg.backoff_s * 2 ** attempt) * random.uniform(0.75, 1.0)
 
@@ -90,7 +90,7 @@ def _fatal(stop: threading.Event, line: str, secret: str) -> TeacherFatal:
     return TeacherFatal(redact(line, secret))
 
 
-def _complete(client: openai.OpenAI, body: dict[str, Any], cfg: TeacherConfig, pacer: Pacer,
+def _complete(client: openai.OpenAI, body: dict[str, Any], cfg: Label, pacer: Pacer,
               tally: Tally, stop: threading.Event, secret: str) -> dict[str, Any]:
     """One chat completion, retried on 429 (after Retry-After), 5xx, timeouts and dropped connections."""
     last = "no attempt"
@@ -103,7 +103,7 @@ def _complete(client: openai.OpenAI, body: dict[str, Any], cfg: TeacherConfig, p
             resp = client.chat.completions.create(**body)
         except openai.APITimeoutError:
             tally.add(timeouts=1)
-            last = f"timed out after {cfg.timeout_s:g} s"
+            last = f"timed out after {cfg.teacher.timeout_s:g} s"
             delay = _backoff(cfg, attempt)
         except openai.APIConnectionError as e:
             tally.add(timeouts=1)
@@ -113,8 +113,8 @@ def _complete(client: openai.OpenAI, body: dict[str, Any], cfg: TeacherConfig, p
             code = e.status_code
             last = f"HTTP {code}: {e.message}"
             if code in (401, 403, 404) or (code == 429 and getattr(e, "code", None) == "insufficient_quota"):
-                raise _fatal(stop, f"{cfg.base_url} refused the request ({last}); check the key, the model "
-                                   f"{cfg.model!r} and the account", secret) from None
+                raise _fatal(stop, f"{cfg.teacher.base_url} refused the request ({last}); check the key, the model "
+                                   f"{cfg.teacher.model!r} and the account", secret) from None
             refused = refused_field(code, e.body, e.message)
             if refused:  # checked before the 5xx retry: some servers send a bad request as a 500
                 raise _fatal(stop, refusal_line(cfg, code, *refused), secret) from None
@@ -149,13 +149,13 @@ def _complete(client: openai.OpenAI, body: dict[str, Any], cfg: TeacherConfig, p
     raise ItemFailed(redact(f"{cfg.max_attempts} attempts failed; last: {last}", secret))
 
 
-def _answer(client: openai.OpenAI, item: Item, labels: tuple[str, ...], cfg: TeacherConfig, pacer: Pacer,
+def _answer(client: openai.OpenAI, item: Item, labels: tuple[str, ...], cfg: Label, pacer: Pacer,
             tally: Tally, stop: threading.Event, secret: str) -> dict[str, Any]:
     try:
         png = item.png.read_bytes()
     except OSError as e:
         raise ItemFailed(f"cannot read canvas {item.png}: {e.strerror}") from None
-    budget, asked, last = cfg.max_tokens, 0, ""
+    budget, asked, last = cfg.teacher.max_tokens, 0, ""
     while asked < cfg.answer_attempts:
         resp = _complete(client, request_body(cfg, labels, png, budget), cfg, pacer, tally, stop, secret)
         try:
@@ -167,7 +167,7 @@ def _answer(client: openai.OpenAI, item: Item, labels: tuple[str, ...], cfg: Tea
                 raise _fatal(stop, ignored_limit_line(cfg, t_out, budget), secret) from None
             tally.add(invalid_answers=1)
             if isinstance(e, CutOff):
-                if budget != cfg.max_tokens:  # cut off with the room the bound needs: more tries will not close it
+                if budget != cfg.teacher.max_tokens:  # cut off with the room the bound needs: more tries will not close it
                     raise ItemFailed(redact(cut_off_line(cfg, labels, budget), secret)) from None
                 budget = retry_budget(cfg)  # kept for this canvas's later answers
                 continue
@@ -181,7 +181,7 @@ def _answer(client: openai.OpenAI, item: Item, labels: tuple[str, ...], cfg: Tea
     raise ItemFailed(redact(f"{cfg.answer_attempts} answers were invalid; last: {last}", secret))
 
 
-def label_online(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...], cfg: TeacherConfig,
+def label_online(client: openai.OpenAI, todo: list[Item], labels: tuple[str, ...], cfg: Label,
                  cache: AnswerCache, tally: Tally, secret: str) -> dict[str, str]:
     """Ask for every item with at most `concurrency` requests in flight; cache each answer as it lands."""
     pacer, stop, errors = Pacer(), threading.Event(), {}

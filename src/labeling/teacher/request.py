@@ -33,14 +33,11 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
+
+from src.config.settings import Label, MaxTokensField, ResponseFormat
 
 SCHEMA_NAME = "element_label"
-# The teacher's enums, stated once: TeacherConfig's fields and the params schema (src/config/schema.py) use these.
-Mode = Literal["online", "batch"]
-Detail = Literal["low", "high", "auto"]
-ResponseFormat = Literal["json_schema", "json_object", "json_schema_bounded"]
-MaxTokensField = Literal["max_completion_tokens", "max_tokens"]
 RESPONSE_FORMATS: tuple[str, ...] = get_args(ResponseFormat)
 # The forms whose schema bounds `reason` (`reason_bound`), and which servers each suits (docs/labels.md: Teacher servers).
 BOUNDED_FORMS = ("json_object", "json_schema_bounded")
@@ -59,50 +56,10 @@ _COMPLAINT = re.compile(r"validation error|input should be|extra inputs|unrecogn
                         r"(?:parameter|field|argument)|not supported|not permitted|not allowed|invalid", re.I)
 
 
-@dataclass(frozen=True)
-class TeacherConfig:
-    base_url: str
-    model: str
-    api_key_env: str
-    prompt: str
-    detail: Detail
-    max_tokens: int
-    max_tokens_field: MaxTokensField
-    response_format: ResponseFormat
-    temperature: float | None
-    timeout_s: float
-    mode: Mode
-    concurrency: int
-    max_attempts: int      # HTTP attempts per answer: 429, 5xx, timeouts, connection errors
-    answer_attempts: int   # answers per canvas: malformed or off-enum answers are asked again
-    backoff_s: float
-    batch_poll_s: float
-    batch_wait_s: float
-    price_in: float        # USD per 1M input tokens
-    price_out: float       # USD per 1M output tokens
-    batch_discount: float  # price factor in batch mode (0.5: half price)
-
-    @classmethod
-    def from_params(cls, label: dict[str, Any]) -> TeacherConfig:
-        t, b, pr = label["teacher"], label["batch"], label["price"]
-        for name, value, allowed in (("mode", t["mode"], get_args(Mode)), ("detail", t["detail"], get_args(Detail)),
-                                     ("response_format", t["response_format"], RESPONSE_FORMATS),
-                                     ("max_tokens_field", t["max_tokens_field"], MAX_TOKENS_FIELDS)):
-            if value not in allowed:
-                raise ValueError(f"label.teacher.{name}={value!r}: expected {_one_of(allowed)}")
-        return cls(base_url=t["base_url"], model=t["model"], api_key_env=t["api_key_env"], prompt=t["prompt"],
-                   detail=t["detail"], max_tokens=int(t["max_tokens"]), max_tokens_field=t["max_tokens_field"],
-                   response_format=t["response_format"],
-                   temperature=None if t["temperature"] is None else float(t["temperature"]),
-                   timeout_s=float(t["timeout_s"]), mode=t["mode"], concurrency=max(1, int(label["concurrency"])),
-                   max_attempts=max(1, int(label["max_attempts"])), answer_attempts=max(1, int(label["answer_attempts"])),
-                   backoff_s=float(label["backoff_s"]), batch_poll_s=float(b["poll_s"]), batch_wait_s=float(b["wait_s"]),
-                   price_in=float(pr["input_per_1m"]), price_out=float(pr["output_per_1m"]),
-                   batch_discount=float(pr["batch_discount"]))
-
-    def cost(self, tokens_in: int, tokens_out: int, batch: bool) -> float:
-        usd = (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
-        return usd * (self.batch_discount if batch else 1.0)
+def cost(cfg: Label, tokens_in: int, tokens_out: int, batch: bool) -> float:
+    """USD for one answer at label.price (batch_discount applies in batch mode)."""
+    usd = (tokens_in * cfg.price.input_per_1m + tokens_out * cfg.price.output_per_1m) / 1e6
+    return usd * (cfg.price.batch_discount if batch else 1.0)
 
 
 @dataclass(frozen=True)
@@ -186,60 +143,60 @@ def answer_tokens(labels: tuple[str, ...], reason_chars: int, space: int) -> int
     return len(skeleton) + reason_chars + JSON_TOKENS * space + 1
 
 
-def reason_bound(cfg: TeacherConfig, labels: tuple[str, ...]) -> int:
+def reason_bound(cfg: Label, labels: tuple[str, ...]) -> int:
     """Characters of `reason` that fit in label.teacher.max_tokens beside the rest of the answer, in a
     bounded form (BOUNDED_FORMS); ValueError when none do."""
-    rest = answer_tokens(labels, 0, SPACE_OF_FORM[cfg.response_format])
-    if cfg.max_tokens <= rest:
-        raise ValueError(f"label.teacher.max_tokens={cfg.max_tokens} leaves no room for the reason: the rest of the "
-                         f"answer takes up to {rest} tokens in the {cfg.response_format} form; set it above {rest}")
-    return cfg.max_tokens - rest
+    rest = answer_tokens(labels, 0, SPACE_OF_FORM[cfg.teacher.response_format])
+    if cfg.teacher.max_tokens <= rest:
+        raise ValueError(f"label.teacher.max_tokens={cfg.teacher.max_tokens} leaves no room for the reason: the rest of the "
+                         f"answer takes up to {rest} tokens in the {cfg.teacher.response_format} form; set it above {rest}")
+    return cfg.teacher.max_tokens - rest
 
 
-def retry_budget(cfg: TeacherConfig) -> int:
+def retry_budget(cfg: Label) -> int:
     """The budget for the one retry of a cut-off answer: max_tokens plus the whitespace llama.cpp's
     llama-server admits beyond the one character the bound was sized for, which is what the bounded
     answer needs there. In the json_schema form nothing bounds the reason; the retry gets the same room."""
-    return cfg.max_tokens + JSON_TOKENS * (SPACE_LLAMA_SERVER - SPACE_LLAMA_CPP_PYTHON)
+    return cfg.teacher.max_tokens + JSON_TOKENS * (SPACE_LLAMA_SERVER - SPACE_LLAMA_CPP_PYTHON)
 
 
 def render_prompt(template: str, labels: tuple[str, ...]) -> str:
     return template.replace("{labels}", ", ".join(labels))
 
 
-def cache_key(canvas_sha256: str, cfg: TeacherConfig, labels: tuple[str, ...]) -> str:
+def cache_key(canvas_sha256: str, cfg: Label, labels: tuple[str, ...]) -> str:
     """What decides the answer, hashed: the canvas, the model, the prompt, the schema, the detail.
 
     Not the request's form (response_format, max_tokens_field, the bound on `reason`): the
     same schema in another wrapper asks the same question, so answers cached before stay valid.
     """
-    what = {"canvas": canvas_sha256, "model": cfg.model, "prompt": render_prompt(cfg.prompt, labels),
-            "schema": answer_schema(labels), "detail": cfg.detail}
+    what = {"canvas": canvas_sha256, "model": cfg.teacher.model, "prompt": render_prompt(cfg.teacher.prompt, labels),
+            "schema": answer_schema(labels), "detail": cfg.teacher.detail}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def response_format(cfg: TeacherConfig, labels: tuple[str, ...]) -> dict[str, Any]:
+def response_format(cfg: Label, labels: tuple[str, ...]) -> dict[str, Any]:
     # The bounded forms go to servers that turn the schema into a grammar: bound the reason there.
-    if cfg.response_format == "json_object":
+    if cfg.teacher.response_format == "json_object":
         return {"type": "json_object", "schema": answer_schema(labels, reason_bound(cfg, labels))}
     schema = (answer_schema(labels, reason_bound(cfg, labels), max_length=False)
-              if cfg.response_format == "json_schema_bounded" else answer_schema(labels))
+              if cfg.teacher.response_format == "json_schema_bounded" else answer_schema(labels))
     return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": schema}}
 
 
-def request_body(cfg: TeacherConfig, labels: tuple[str, ...], png: bytes, budget: int | None = None) -> dict[str, Any]:
+def request_body(cfg: Label, labels: tuple[str, ...], png: bytes, budget: int | None = None) -> dict[str, Any]:
     """The chat completion body, the same for an online request and a batch line; `budget` replaces max_tokens."""
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     body: dict[str, Any] = {
-        "model": cfg.model,
+        "model": cfg.teacher.model,
         "messages": [{"role": "user", "content": [
-            {"type": "text", "text": render_prompt(cfg.prompt, labels)},
-            {"type": "image_url", "image_url": {"url": url, "detail": cfg.detail}}]}],
+            {"type": "text", "text": render_prompt(cfg.teacher.prompt, labels)},
+            {"type": "image_url", "image_url": {"url": url, "detail": cfg.teacher.detail}}]}],
         "response_format": response_format(cfg, labels),
-        cfg.max_tokens_field: cfg.max_tokens if budget is None else budget,
+        cfg.teacher.max_tokens_field: cfg.teacher.max_tokens if budget is None else budget,
     }
-    if cfg.temperature is not None:  # reasoning models refuse any temperature; null leaves it out
-        body["temperature"] = cfg.temperature
+    if cfg.teacher.temperature is not None:  # reasoning models refuse any temperature; null leaves it out
+        body["temperature"] = cfg.teacher.temperature
     return body
 
 
@@ -277,12 +234,12 @@ def parse_completion(resp: dict[str, Any], labels: tuple[str, ...]) -> tuple[str
     return element, reason.strip(), t_in, t_out
 
 
-def answer_record(item_key: str, canvas: str, cfg: TeacherConfig, element: str, reason: str,
+def answer_record(item_key: str, canvas: str, cfg: Label, element: str, reason: str,
                   t_in: int, t_out: int, via: str) -> dict[str, Any]:
     """One line of the answer cache (src/labeling/answer_cache.py)."""
-    return {"key": item_key, "canvas_sha256": canvas, "model": cfg.model, "element": element, "reason": reason,
+    return {"key": item_key, "canvas_sha256": canvas, "model": cfg.teacher.model, "element": element, "reason": reason,
             "tokens_in": t_in, "tokens_out": t_out, "via": via,
-            "cost_usd": cfg.cost(t_in, t_out, via == "batch"),
+            "cost_usd": cost(cfg, t_in, t_out, via == "batch"),
             "at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
@@ -325,37 +282,37 @@ def refused_field(status: int, body: object, message: str) -> tuple[str, str] | 
     return None
 
 
-def refusal_line(cfg: TeacherConfig, status: int, name: str, complaint: str) -> str:
+def refusal_line(cfg: Label, status: int, name: str, complaint: str) -> str:
     """The one line the stage stops with when the server refuses a field the params choose."""
     param = PARAM_OF_FIELD[name]
-    now = {"label.teacher.response_format": cfg.response_format, "label.teacher.max_tokens_field": cfg.max_tokens_field,
-           "label.teacher.temperature": cfg.temperature, "label.teacher.detail": cfg.detail}[param]
-    hint = {"label.teacher.response_format": f"try {param}={_other_forms(cfg.response_format)}",
-            "label.teacher.max_tokens_field": f"try {param}={_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)}",
+    now = {"label.teacher.response_format": cfg.teacher.response_format, "label.teacher.max_tokens_field": cfg.teacher.max_tokens_field,
+           "label.teacher.temperature": cfg.teacher.temperature, "label.teacher.detail": cfg.teacher.detail}[param]
+    hint = {"label.teacher.response_format": f"try {param}={_other_forms(cfg.teacher.response_format)}",
+            "label.teacher.max_tokens_field": f"try {param}={_other(cfg.teacher.max_tokens_field, MAX_TOKENS_FIELDS)}",
             "label.teacher.temperature": f"try {param}: null",
             "label.teacher.detail": f"try another {param}"}[param]
-    return (f"{cfg.base_url} refused the request's {name} ({param}={now}): HTTP {status}: {complaint}; {hint} "
+    return (f"{cfg.teacher.base_url} refused the request's {name} ({param}={now}): HTTP {status}: {complaint}; {hint} "
             f"(docs/labels.md: Teacher servers)")
 
 
-def ignored_limit_line(cfg: TeacherConfig, tokens_out: int, budget: int) -> str:
+def ignored_limit_line(cfg: Label, tokens_out: int, budget: int) -> str:
     """The one line for a server that ignored the token limit: its answers run to the context's end."""
-    over = f"label.teacher.max_tokens={cfg.max_tokens}" if budget == cfg.max_tokens else f"the retry's budget of {budget}"
-    return (f"{cfg.base_url} ignored {cfg.max_tokens_field}: an answer ran to {tokens_out} tokens, over "
+    over = f"label.teacher.max_tokens={cfg.teacher.max_tokens}" if budget == cfg.teacher.max_tokens else f"the retry's budget of {budget}"
+    return (f"{cfg.teacher.base_url} ignored {cfg.teacher.max_tokens_field}: an answer ran to {tokens_out} tokens, over "
             f"{over}; try label.teacher.max_tokens_field="
-            f"{_other(cfg.max_tokens_field, MAX_TOKENS_FIELDS)} (docs/labels.md: Teacher servers)")
+            f"{_other(cfg.teacher.max_tokens_field, MAX_TOKENS_FIELDS)} (docs/labels.md: Teacher servers)")
 
 
-def cut_off_line(cfg: TeacherConfig, labels: tuple[str, ...], budget: int) -> str:
+def cut_off_line(cfg: Label, labels: tuple[str, ...], budget: int) -> str:
     """Why a canvas failed whose answer was cut off twice, and the param to change."""
-    if cfg.response_format in BOUNDED_FORMS:
+    if cfg.teacher.response_format in BOUNDED_FORMS:
         why = (f"the schema bounds the reason to {reason_bound(cfg, labels)} characters, so this server does "
                f"not honour the schema's pattern")
-        if cfg.response_format == "json_schema_bounded":  # vLLM's default grammar admits any whitespace
+        if cfg.teacher.response_format == "json_schema_bounded":  # vLLM's default grammar admits any whitespace
             why += " or pads the JSON with whitespace (vLLM: set disable_any_whitespace)"
     else:
         why = "label.teacher.response_format=json_schema leaves the reason unbounded"
-    return (f"answer cut off at {cfg.max_tokens_field}={cfg.max_tokens} and again at {budget}: {why}; raise "
+    return (f"answer cut off at {cfg.teacher.max_tokens_field}={cfg.teacher.max_tokens} and again at {budget}: {why}; raise "
             f"label.teacher.max_tokens (docs/labels.md: Teacher servers)")
 
 
@@ -374,10 +331,6 @@ ALTERNATIVE_FORMS = {"json_schema": ("json_object",),
 
 def _other_forms(value: str) -> str:
     return " or ".join(f"{f} for {SERVERS_OF_FORM[f]}" for f in ALTERNATIVE_FORMS[value])
-
-
-def _one_of(choices: tuple[str, ...]) -> str:
-    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -407,8 +360,8 @@ class Tally:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
 
-    def paid(self, cfg: TeacherConfig, t_in: int, t_out: int, batch: bool) -> None:
-        self.add(tokens_in=t_in, tokens_out=t_out, cost_usd=cfg.cost(t_in, t_out, batch))
+    def paid(self, cfg: Label, t_in: int, t_out: int, batch: bool) -> None:
+        self.add(tokens_in=t_in, tokens_out=t_out, cost_usd=cost(cfg, t_in, t_out, batch))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in vars(self).items() if not k.startswith("_")}
