@@ -11,13 +11,12 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from src.data import demo
-
-from src.model import hf_vlm
-from src.data.canvas import decode, to_canvas
 from src.config.contract import Contract
 from src.config.paths import ROOT
 from src.config.settings import Builder
+from src.data import demo
+from src.data.canvas import decode, to_canvas
+from src.model import hf_vlm
 
 # Big files (a 1 GB random SmolVLM-256M and its GGUFs) go here: gitignored, outside the tracked tree.
 CACHE = ROOT / ".cache" / "bench"

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from src.model.answer import label_probs, parse_answer
+from src.client.fortune import read_one
 from src.config.contract import Contract
+from src.model.answer import label_probs, parse_answer
 from src.runtime.grammar import gbnf
 from src.runtime.llama_vlm import LlamaVLM
-from src.client.fortune import read_one
 
 MODES = ("unconstrained", "eos", "grammar", "score")
 

@@ -42,8 +42,8 @@ def worker(epochs: int) -> dict[str, object]:
 
     from src.config.contract import LABELS
     from src.config.params import stage_params
-    from src.stages.finetune import prepare
     from src.model.training import evaluate, start_processes, stop_processes, train_epoch
+    from src.stages.finetune import prepare
 
     paths = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
     p = stage_params("finetune")

@@ -19,10 +19,10 @@ import numpy as np
 
 from bench import stages, tokens
 from bench.common import SMOLVLM_256M_SHAPES, contract, demo_canvases, params, table
-from src.labeling import review_queue
-from src.model import hf_vlm
 from src.config.contract import Contract, Vision
 from src.config.settings import Builder
+from src.labeling import review_queue
+from src.model import hf_vlm
 
 
 def encode_s(c: Contract, n: int, spec: Builder, vision: Vision, batch: int) -> tuple[float, np.ndarray]:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.common import contract
+from src.config.contract import Canvas
 from src.data import demo
 from src.data.canvas import BadImage, canvas_png, render_png
-from src.config.contract import Canvas
-from bench.common import contract
 
 SPEC, LABELS = contract().canvas, contract().labels  # what resize256 draws: params.yaml's contract
 

@@ -21,12 +21,12 @@ from PIL import Image
 
 from bench import decode, stages, tokens
 from bench.common import CACHE, OUT, SMOLVLM_256M_SHAPES, contract, demo_canvases, rel, table
-from src.model import hf_vlm
 from src.config.contract import Contract, Vision
-from src.runtime.grammar import gbnf
-from src.runtime.llama_vlm import LlamaVLM
 from src.config.paths import ROOT
 from src.data.files import read_jsonl
+from src.model import hf_vlm
+from src.runtime.grammar import gbnf
+from src.runtime.llama_vlm import LlamaVLM
 
 
 def section_tokens(c: Contract, quick: bool) -> tuple[dict[str, Any], str]:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from bench.common import ROOT, demo_canvases, params, timed
-from src.model import hf_vlm
-from src.data.canvas import canvas_png
 from src.config.contract import Contract, Vision
 from src.config.settings import Builder
+from src.data.canvas import canvas_png
+from src.model import hf_vlm
 
 # -- resize --------------------------------------------------------------------------------------
 
@@ -43,9 +43,9 @@ def resize(quick: bool) -> dict[str, Any]:
 def label(c: Contract, n: int, workers: list[int], latency_s: float = 0.05) -> dict[str, Any]:
     """Items/s of src.labeling.teacher's online client at each concurrency, same server (the tests' fake, with a
     fixed latency per chat request), same items."""
+    from src.config.settings import Label
     from src.labeling.answer_cache import AnswerCache
     from src.labeling.teacher.client import teach
-    from src.config.settings import Label
     from src.labeling.teacher.request import Item
     from testkit.openai_server import FakeOpenAI
 

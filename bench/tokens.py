@@ -23,8 +23,8 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.common import CACHE, STOCK_LONGEST_EDGE, STOCK_SCALE, median_time, timed
-from src.model import geometry, hf_vlm
 from src.config.contract import Contract, Vision
+from src.model import geometry, hf_vlm
 from src.runtime.llama_build import convert
 from src.runtime.llama_vlm import LlamaVLM, expand
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from src.config.paths import ROOT
 from src.config.contract import Contract
+from src.config.paths import ROOT
 from src.data.files import read_jsonl
 from testkit.http_server import wait_for
 

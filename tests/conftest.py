@@ -57,9 +57,9 @@ def tiny_model() -> tuple[Any, Any]:
 
     Building reads SmolLM2's tokenizer from its GGUF (seconds); a test that trains deep-copies the model.
     """
-    from src.model import hf_vlm
     from src.config.contract import Contract
     from src.config.settings import Builder
+    from src.model import hf_vlm
 
     c = Contract.from_dict(project_params()["contract"])
     model, processor = hf_vlm.build(Builder.model_validate(TINY_MODEL), c.vision)

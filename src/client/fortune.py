@@ -31,10 +31,10 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from src.model.answer import label_probs, label_token_ids, parse_answer
-from src.data.canvas import BadImage, decode, to_canvas
-from src.config.contract import Contract
 from src.config.artifacts import BUNDLE
+from src.config.contract import Contract
+from src.data.canvas import BadImage, decode, to_canvas
+from src.model.answer import label_probs, label_token_ids, parse_answer
 
 GENERATES = {"wood": "fire", "fire": "land", "land": "metal", "metal": "water", "water": "wood"}
 OVERCOMES = {"wood": "land", "land": "water", "water": "fire", "fire": "metal", "metal": "wood"}

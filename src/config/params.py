@@ -72,10 +72,11 @@ def select(params: dict[str, Any], keys: list[str], source: Path) -> dict[str, A
     return out
 
 
-# runtime.yaml's one key that is not a distribution: the llama.cpp build flags, which `make setup`
-# records in the venv beside the wheel it built with them.
+# runtime.yaml's two keys that are not distributions: the x86 llama.cpp build flags, which `make setup`
+# records in the venv beside the wheel it built with them, and the arm64 probe's -march per variant,
+# which src/runtime/arm64.py builds and caches per flags (so there is nothing installed to compare).
 LLAMA_CPP_CMAKE = "llama_cpp_cmake"
-LLAMA_CPP_ARM64 = "llama_cpp_arm64"  # the arm64 probe's -march per variant: src/runtime/arm64 builds and caches per flags
+LLAMA_CPP_ARM64 = "llama_cpp_arm64"
 
 
 def installed(key: str) -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from src.model import geometry, hf_vlm
 from src.config.contract import Target, Vision
 from src.config.schema import BaseSource, commit_hint, is_commit
 from src.config.settings import Builder
+from src.model import geometry, hf_vlm
 
 SOURCES: tuple[str, ...] = get_args(BaseSource)
 

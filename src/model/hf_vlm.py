@@ -36,13 +36,12 @@ from transformers import (
     Idefics3Processor,
     PreTrainedModel,
 )
-
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
 
-from src.model import answer
 from src.config.contract import Generation, Prompt, Target, Vision
-from src.model.geometry import tokens_per_tile
 from src.config.settings import Builder
+from src.model import answer
+from src.model.geometry import tokens_per_tile
 
 HF_IMAGE_TOKEN = "<image>"  # what Idefics3Processor expands into the image's tiles
 IMAGE_TOKENS = ["<fake_token_around_image>", HF_IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"] + [

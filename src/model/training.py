@@ -27,9 +27,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from src.model import hf_vlm
 from src.config.contract import Prompt, Target
 from src.data.files import write_text_atomic
+from src.model import hf_vlm
 
 
 class NullLive:

@@ -35,9 +35,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from src.runtime.llama_vlm import Answer
-from src.config.paths import ROOT
 from src.config.params import RUNTIME
+from src.config.paths import ROOT
+from src.runtime.llama_vlm import Answer
 
 KEY = "llama_cpp_arm64"  # runtime.yaml: {variant: -march}
 PROBE_SRC = Path(__file__).resolve().parent / "arm64_probe"

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
-
 import llama_cpp
+import numpy as np
 
 from src.config.contract import Target
 

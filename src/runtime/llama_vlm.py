@@ -15,11 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 import llama_cpp
+import numpy as np
 from llama_cpp import mtmd_cpp
+from PIL import Image
 
 from src.config.contract import Generation
 

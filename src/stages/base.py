@@ -20,12 +20,12 @@ import json
 import shutil
 from pathlib import Path
 
-from src.model import hf_vlm
-from src.model.bases import fitted
 from src.config.contract import Target, Vision
-from src.runtime.supervise import at, supervise
 from src.config.params import stage_params
 from src.data.files import write_json
+from src.model import hf_vlm
+from src.model.bases import fitted
+from src.runtime.supervise import at, supervise
 
 
 def main() -> None:

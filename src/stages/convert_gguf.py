@@ -14,8 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from src.config.artifacts import mmproj_gguf, text_gguf
-from src.runtime.llama_build import convert
 from src.config.params import stage_params
+from src.runtime.llama_build import convert
 
 
 def jobs(out: Path, text_outtypes: list[str], mmproj_outtype: str) -> list[tuple[Path, str, bool]]:

@@ -45,12 +45,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from src.config.contract import LABELS
+from src.config.params import stage_params
+from src.config.settings import Http
+from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.data.formats import EXT  # importing it also lets Pillow read HEIC/HEIF
 from src.data.http import FetchError, fetch, root_cause
-from src.config.params import stage_params
-from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.data.refused import name_refused
-from src.config.settings import Http
 from src.data.sources import Item, SourceError, items_from_params
 
 JOURNAL = "journal.jsonl"

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from src.model import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
 
+# isort: split
+
 import argparse
 from pathlib import Path
 from typing import Any

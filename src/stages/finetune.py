@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from src.model import torch_pin  # noqa: F401  (first: torch's kernels are pinned before torch loads)
 
+# isort: split
+
 import argparse
 import shutil
 import time
@@ -37,13 +39,27 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-from src.model import hf_vlm
 from src.config.contract import LABELS, Prompt, Target, Vision
-from src.runtime.supervise import at, supervise
 from src.config.params import stage_params
 from src.data.files import read_jsonl, sha256_file, write_json
-from src.model.training import Example, NullLive, Procs, better, evaluate, fingerprint, load_checkpoint, \
-    load_examples, lora, save_checkpoint, start_processes, stop_processes, train_epoch, trainable
+from src.model import hf_vlm
+from src.model.training import (
+    Example,
+    NullLive,
+    Procs,
+    better,
+    evaluate,
+    fingerprint,
+    load_checkpoint,
+    load_examples,
+    lora,
+    save_checkpoint,
+    start_processes,
+    stop_processes,
+    train_epoch,
+    trainable,
+)
+from src.runtime.supervise import at, supervise
 
 LOGGED = ("train_loss", "val_loss", "val_acc")
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from src.model import torch_pin  # noqa: F401  (first: the queue's features run torch, pinned as finetune's)
 
+# isort: split
+
 import argparse
 import csv
 import io
@@ -47,14 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.labeling import review_queue
-from src.labeling.audit_page import audit_html
 from src.config.contract import LABELS
-from src.labeling.answer_cache import AnswerCache
 from src.config.params import stage_params
+from src.config.settings import Label
 from src.data.files import read_jsonl, write_json, write_jsonl, write_text_atomic
 from src.data.refused import name_refused
-from src.config.settings import Label
+from src.labeling import review_queue
+from src.labeling.answer_cache import AnswerCache
+from src.labeling.audit_page import audit_html
 from src.labeling.teacher.client import teach
 from src.labeling.teacher.request import (
     BOUNDED_FORMS,

@@ -14,9 +14,9 @@ from pathlib import Path
 import llama_cpp
 
 from src.config.artifacts import text_gguf
+from src.config.params import stage_params
 from src.runtime.llama_vlm import silence
 from src.runtime.supervise import at, supervise
-from src.config.params import stage_params
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
 

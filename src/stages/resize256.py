@@ -36,10 +36,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.data.canvas import CAUSES as CANVAS_CAUSES
-from src.data.canvas import BadImage, render_png
 from src.config.contract import Canvas
 from src.config.params import stage_params
+from src.data.canvas import CAUSES as CANVAS_CAUSES
+from src.data.canvas import BadImage, render_png
 from src.data.files import append_jsonl, prune_store, read_jsonl, sha256, write_bytes_atomic, write_json, write_jsonl
 from src.data.refused import name_refused
 

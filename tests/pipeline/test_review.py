@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.tools.review.report import MARKER
-from src.tools.review.__main__ import main as review
+from src.config.schema import ParamsError, validate
 from src.tools.review import compare
+from src.tools.review.__main__ import main as review
 from src.tools.review.compare import differs, flatten
 from src.tools.review.forge import main as post
-from src.config.schema import ParamsError, validate
-from testkit.project import ROOT, edit_yaml, project_params, run, set_param
+from src.tools.review.report import MARKER
 from testkit.forge_server import FakeForge
+from testkit.project import ROOT, edit_yaml, project_params, run, set_param
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 TRACKED = ["dvc.yaml", "dvc.lock", "runtime.yaml"]

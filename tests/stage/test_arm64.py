@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.runtime import arm64
 from src.config.schema import ParamsError, validate
 from src.parity.ladder import arm64_sample
+from src.runtime import arm64
 from testkit.project import ROOT, project_params
 
 RUNTIME = yaml.safe_load((ROOT / "runtime.yaml").read_text())
@@ -86,7 +86,7 @@ def test_a_sample_with_no_variant_to_run_it_on_is_refused() -> None:
 # ---- the probe itself, cross-built and run under qemu on the tiny pipeline's GGUFs ----------------------
 
 def q8(repo: Path) -> tuple[Path, Path]:
-    from src.config.artifacts import text_gguf, mmproj_of
+    from src.config.artifacts import mmproj_of, text_gguf
 
     return text_gguf(repo / "models/quantize_q8", "q8_0"), mmproj_of(repo / "models/convert_gguf")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from src.model import bases, hf_vlm
 from src.config.contract import Vision
 from src.config.settings import Builder
+from src.model import bases, hf_vlm
 from testkit.project import CONTRACT, ROOT, make_repo, project_params, run, set_param
 
 TINY = Builder(vision_hidden=32, vision_layers=1, vision_heads=2, patch=8, scale_factor=2,

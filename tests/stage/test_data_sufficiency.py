@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from src.data import demo
 from src.config.artifacts import SPLITS
+from src.data import demo
 from src.stages.split import counts, photos_needed, split, sufficiency
 from testkit.project import CONTRACT, make_repo, run
 

@@ -12,14 +12,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.stages.download import run
 from src.config.settings import Http
 from src.data.files import read_jsonl, sha256
 from src.data.sources import SourceError, folder_items, hf_items, manifest_items, unique_ids
-from testkit.project import kill_midway, make_repo
-from testkit.photos import png_header_only, tree
-from testkit.project import run as run_cmd
+from src.stages.download import run
 from testkit.http_server import LoopbackServer, Route, drip, flaky, no_length, ok, redirect, stall, status
+from testkit.photos import png_header_only, tree
+from testkit.project import kill_midway, make_repo
+from testkit.project import run as run_cmd
 
 # A timeout with room for a loaded CI machine; the slow and stalled routes take many times longer.
 FAST = Http(workers=8, timeout_s=2.0, retries=1, backoff_s=0.05, max_bytes=200_000, user_agent="test",

@@ -16,13 +16,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.model import hf_vlm
-from src.data.canvas import decode, render_png, to_canvas
 from src.config.contract import Contract
+from src.data.canvas import decode, render_png, to_canvas
 from src.data.demo import photo
 from src.data.files import sha256, write_bytes_atomic, write_jsonl
-from src.model.training import Example, Procs, answer_tokens, batch_loss, better, fingerprint, load_checkpoint, lora, \
-    save_checkpoint, train_epoch, trainable
+from src.model import hf_vlm
+from src.model.training import (
+    Example,
+    Procs,
+    answer_tokens,
+    batch_loss,
+    better,
+    fingerprint,
+    load_checkpoint,
+    lora,
+    save_checkpoint,
+    train_epoch,
+    trainable,
+)
 from testkit.project import BIN, TINY_MODEL, copy_project, project_params
 
 PARAMS = project_params()

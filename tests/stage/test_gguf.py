@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from src.config.artifacts import mmproj_gguf, text_gguf, mmproj_of
+from src.config.artifacts import mmproj_gguf, mmproj_of, text_gguf
 from src.stages.convert_gguf import jobs
 from src.stages.quantize_q8 import FTYPES, quantize
 

@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from src.config.paths import ROOT
-from src.stages.label import run as label_stage
 from src.data.files import read_jsonl, write_jsonl
-from testkit.project import CONTRACT, params_for, project_params
-from testkit.photos import make_canvases
+from src.stages.label import run as label_stage
 from testkit.http_server import wait_for
 from testkit.openai_server import LLAMA_CPP_REFUSAL, FakeOpenAI
+from testkit.photos import make_canvases
+from testkit.project import CONTRACT, params_for, project_params
 
 LABELS = CONTRACT.labels
 KEY = "sk-test-LEAKCANARY-" + uuid.uuid4().hex
@@ -379,11 +379,11 @@ def test_the_bounded_schema_closes_every_answer_within_max_tokens_under_llama_cp
     from llama_cpp import Llama
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    from src.runtime.grammar import Constraint
-    from src.runtime.llama_vlm import silence
     from src.config.settings import Label
     from src.labeling.teacher.request import answer_schema, request_body
     from src.model.hf_vlm import smollm2_gguf
+    from src.runtime.grammar import Constraint
+    from src.runtime.llama_vlm import silence
 
     cfg = Label.model_validate(params(teacher__response_format="json_object", teacher__max_tokens_field="max_tokens")["label"])
     bounded = request_body(cfg, LABELS, b"png")["response_format"]["schema"]
@@ -625,10 +625,10 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     Yields (base URL, server log)."""
     import gguf
 
-    from src.model import hf_vlm
     from src.config.contract import Contract
-    from src.runtime.llama_build import convert
     from src.config.settings import Builder
+    from src.model import hf_vlm
+    from src.runtime.llama_build import convert
     from src.stages.quantize_q8 import quantize
     from testkit.project import TINY_MODEL
 

@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from src.data import demo
-
-from src.labeling import review_queue
-
-from src.model import hf_vlm
 from src.config.artifacts import SPLITS
+from src.data import demo
 from src.data.files import read_jsonl
+from src.labeling import review_queue
+from src.model import hf_vlm
 from src.stages.label import match_overrides, read_overrides
 from src.stages.label import run as label_stage
-from testkit.project import CONTRACT, TINY, make_repo, params_for, run
 from testkit.photos import make_canvases
+from testkit.project import CONTRACT, TINY, make_repo, params_for, run
 
 LABELS = CONTRACT.labels
 Q = review_queue.QueueParams(folds=5, seed=0, C=0.1, batch_size=16)

@@ -7,10 +7,10 @@ to the real eval_parity stage while llama.cpp works on a photo.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
-import random
 import subprocess
 import sys
 import time
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.runtime import supervise
 from src.data.files import read_jsonl
-from testkit.project import BIN, ROOT
+from src.runtime import supervise
 from testkit.http_server import wait_for
+from testkit.project import BIN, ROOT
 
 SCRIPT = """
 import ctypes, sys, time

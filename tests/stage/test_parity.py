@@ -13,14 +13,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from src.config.artifacts import mmproj_of, text_gguf
 from src.config.contract import Contract
-from src.config.artifacts import text_gguf, mmproj_of
-from src.quality.gates import gates
 from src.data.canvas import canvas_png, decode, to_canvas
 from src.data.demo import photo
-from src.parity.ladder import Row, canvas_rung, climb, images_csv, psnr
-from src.runtime.llama_vlm import LlamaVLM
 from src.data.files import read_jsonl
+from src.parity.ladder import Row, canvas_rung, climb, images_csv, psnr
+from src.quality.gates import gates
+from src.runtime.llama_vlm import LlamaVLM
 from testkit.project import CONTRACT, run
 
 

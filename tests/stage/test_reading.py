@@ -19,11 +19,21 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.data.canvas import decode, to_canvas
-from src.config.contract import Contract
-from src.client.fortune import GENERATES, OVERCOMES, MEANING, ReadingError, canvases, default_bundle, links, load_bundle, \
-    reading_text, relation
+from src.client.fortune import (
+    GENERATES,
+    MEANING,
+    OVERCOMES,
+    ReadingError,
+    canvases,
+    default_bundle,
+    links,
+    load_bundle,
+    reading_text,
+    relation,
+)
 from src.config.artifacts import BUNDLE
+from src.config.contract import Contract
+from src.data.canvas import decode, to_canvas
 from testkit.project import CONTRACT, ROOT
 
 ELEMENTS = sorted(GENERATES)

@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.config.contract import Contract
-from src.runtime.grammar import gbnf
 from src.config.artifacts import BUNDLE, PLOTS, SPLITS
-from src.quality.plots import INVALID, per_class_accuracy
+from src.config.contract import Contract
 from src.data.files import write_jsonl
 from src.quality.card import card_markdown, dvc_hashes, file_hashes, model_card
-from src.quality.plots import grid_rows
+from src.quality.plots import INVALID, grid_rows, per_class_accuracy
+from src.runtime.grammar import gbnf
 from src.stages.release import data_counts, parity_rows
 from testkit.project import CONTRACT, ROOT, project_params, run
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testkit.project import BIN, ROOT
 from src.tools.remotes import redact
-from testkit.remote_servers import SSHServer, S3Server, closed_port, keygen, sshd_missing, start_s3, start_sshd, stop
+from testkit.project import BIN, ROOT
+from testkit.remote_servers import S3Server, SSHServer, closed_port, keygen, sshd_missing, start_s3, start_sshd, stop
 
 NAME = "element-classifier"
 VERSION = "v0.1.0"

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.stages import download, resize256
-from src.data.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
 from src.config.contract import Canvas
-from src.data.files import read_jsonl, sha256
 from src.config.settings import Http
+from src.data.canvas import BadImage, android_canvas, canvas_png, decode, to_canvas
+from src.data.files import read_jsonl, sha256
 from src.data.sources import folder_items
-from testkit.project import CONTRACT, kill_midway
+from src.stages import download, resize256
 from testkit.photos import png_header_only, tree
+from testkit.project import CONTRACT, kill_midway
 
 SPEC = CONTRACT.canvas
 CFG = Http(workers=2, timeout_s=5, retries=0, backoff_s=0, max_bytes=10**7, user_agent="t", snapshot="s")

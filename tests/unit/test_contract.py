@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from src.config.paths import ROOT
 from src.config.contract import LABELS, Contract, Prompt
+from src.config.paths import ROOT
 from src.stages.resize256 import spec_key
 from testkit.project import project_params
 

@@ -8,8 +8,15 @@ from typing import Any
 
 import pytest
 
-from src.quality.gates import class_coverage_gate, epochs_advised, gates, guessing_p, photos_per_class_needed, \
-    quality_diagnosis, quality_gates
+from src.quality.gates import (
+    class_coverage_gate,
+    epochs_advised,
+    gates,
+    guessing_p,
+    photos_per_class_needed,
+    quality_diagnosis,
+    quality_gates,
+)
 from testkit.project import CONTRACT, project_params
 
 PARAMS = project_params()

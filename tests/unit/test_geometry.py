@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.model import geometry, hf_vlm
 from src.config.contract import Vision
+from src.config.settings import Builder
+from src.model import geometry, hf_vlm
 from src.runtime.llama_build import convert
 from src.runtime.llama_vlm import LlamaVLM, expand
-from src.config.settings import Builder
 from testkit.project import CONTRACT, TINY_MODEL
 
 # An encoder pretrained on 128 px tiles (16 x 16 patch grid), re-tiled to 64 px.

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 import yaml
-
-import llama_cpp
 
 from src.config.contract import Contract, Target
 from src.runtime.grammar import Constraint, GrammarError, admits, gbnf, literal
@@ -127,8 +126,8 @@ def test_vlm_constrained_decoding_keeps_labels_and_forces_them(tiny_repo: Path) 
 
     from PIL import Image
 
-    from src.runtime.llama_vlm import LlamaVLM
     from src.config.artifacts import BUNDLE
+    from src.runtime.llama_vlm import LlamaVLM
 
     paths = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["vars"][0]["paths"]
     bundle = tiny_repo / paths["release"]

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.tools import deps
-from src.config.paths import ROOT
 from src.config.params import declared_keys, stage_params
+from src.config.paths import ROOT
 from src.config.schema import ParamsError, validate
+from src.tools import deps
 from testkit.project import copy_project, project_params, set_param, stale_after
-
 
 PINS = yaml.safe_load((ROOT / "runtime.yaml").read_text())
 

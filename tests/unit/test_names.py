@@ -12,13 +12,12 @@ import io
 import json
 from pathlib import Path
 
-
-from src.data import demo
 from src.config.artifacts import SPLITS
+from src.data import demo
 from src.data.files import read_jsonl, sha256, write_jsonl
-from src.stages import label, release, resize256, split
 from src.parity.ladder import Row, images_csv
 from src.quality.plots import grid_rows
+from src.stages import label, release, resize256, split
 from testkit.project import CONTRACT
 
 LABELS, SPEC = CONTRACT.labels, CONTRACT.canvas

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from src.config.artifacts import SPLITS
-from testkit.project import CONTRACT
 from src.data.files import read_jsonl, write_jsonl
 from src.stages.split import run as split_stage
 from src.stages.split import split
+from testkit.project import CONTRACT
 
 LABELS = CONTRACT.labels
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.model import hf_vlm
 from src.config.contract import Vision
+from src.model import hf_vlm
 from testkit.project import CONTRACT
-
 
 
 @pytest.fixture(scope="module")

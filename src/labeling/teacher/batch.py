@@ -18,15 +18,15 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import openai
 
-from src.labeling.answer_cache import AnswerCache
-from src.data.files import append_jsonl, read_jsonl
 from src.config.settings import Label
+from src.data.files import append_jsonl, read_jsonl
+from src.labeling.answer_cache import AnswerCache
 from src.labeling.teacher.request import (
     BadAnswer,
     BatchPending,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import openai
 
-from src.labeling.answer_cache import AnswerCache
 from src.config.settings import Label
+from src.labeling.answer_cache import AnswerCache
 from src.labeling.teacher.batch import BatchLog, label_batch
 from src.labeling.teacher.online import label_online
 from src.labeling.teacher.request import Item, Tally, TeacherFatal, redact, refusal_line, refused_field

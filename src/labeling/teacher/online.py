@@ -23,8 +23,8 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
-from src.labeling.answer_cache import AnswerCache
 from src.config.settings import Label
+from src.labeling.answer_cache import AnswerCache
 from src.labeling.teacher.request import (
     BadAnswer,
     CutOff,

@@ -31,7 +31,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
 

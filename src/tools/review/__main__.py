@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from src.config.params import fail
+from src.config.schema import ParamsError, validate
 from src.tools.review import compare
 from src.tools.review.report import Review, verdict, write
 from src.tools.review.revision import Revision, RevisionError, stale_stages
-from src.config.schema import ParamsError, validate
 
 PHOTO_PLOTS = ("sample_grid.png",)  # release plots that show photos (src/stages/release.py's sample grid)
 MAX_THUMBS = 50  # a change that flips more photos than this shows the first 50 with thumbnails
