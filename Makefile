@@ -77,7 +77,7 @@ repro: check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 lint: setup
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests testkit bench
 
 test: setup sshd lint
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PYTEST)
