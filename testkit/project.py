@@ -141,9 +141,5 @@ def make_repo(dest: Path, overrides: dict[str, Any], stages: tuple[str, ...] | N
     return dest
 
 
-def _contract() -> Contract:
-    return Contract.from_dict(project_params()["contract"])
-
-
 # The one contract every test shares: the tests' params', never the working params.yaml's.
-CONTRACT = _contract()
+CONTRACT = Contract.from_dict(project_params()["contract"])

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from testkit.project import CI, TINY, TINY_MODEL, make_repo, project_params, run
+from testkit.project import CI, CONTRACT, TINY, TINY_MODEL, make_repo, run
 
 # Under pytest-xdist (`make test-quick`) the workers share the cores: torch's default of a thread per core
 # in every worker would put more threads than cores on the machine. Set before any test module imports
@@ -57,13 +57,11 @@ def tiny_model() -> tuple[Any, Any]:
 
     Building reads SmolLM2's tokenizer from its GGUF (seconds); a test that trains deep-copies the model.
     """
-    from src.config.contract import Contract
     from src.config.settings import Builder
     from src.model import hf_vlm
 
-    c = Contract.from_dict(project_params()["contract"])
-    model, processor = hf_vlm.build(Builder.model_validate(TINY_MODEL), c.vision)
-    hf_vlm.configure(model, processor, c.vision, c.target)
+    model, processor = hf_vlm.build(Builder.model_validate(TINY_MODEL), CONTRACT.vision)
+    hf_vlm.configure(model, processor, CONTRACT.vision, CONTRACT.target)
     return model, processor
 
 

@@ -269,7 +269,7 @@ def climb(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photos
     model, processor = hf_vlm.load(str(model_dir))
     tok = processor.tokenizer
     t = Tally()
-    arm_ids = set(arm64_sample(rows, arm64_run.sample, contract.labels)) if arm64_run else set()
+    arm_sample = arm64_sample(rows, arm64_run.sample, contract.labels) if arm64_run else []
     arm = None
     with LlamaVLM(*f16, n_ctx=n_ctx) as vf16, LlamaVLM(*q8, n_ctx=n_ctx) as vq8:
         # The app stops at any end-of-generation token of the GGUF's vocabulary (with SmolLM2's real
@@ -279,12 +279,11 @@ def climb(contract: Contract, rows: list[dict[str, Any]], canvases: Path, photos
                       hf_vlm.label_token_ids(tok, contract.labels, contract.target),
                       tok.convert_tokens_to_ids(hf_vlm.HF_IMAGE_TOKEN), vq8.eog_ids())
         eos = eos_rung(contract, rt)
-        out = [photo_rungs(r, canvases, photos.get(r["id"]), contract, rt, t, r["id"] in arm_ids)
+        out = [photo_rungs(r, canvases, photos.get(r["id"]), contract, rt, t, r["id"] in arm_sample)
                for r in tqdm(rows, desc="eval_parity")]
         if arm64_run is not None:
             by_id = {r.id: r for r in out}
-            sample = [by_id[i] for i in arm64_sample(rows, arm64_run.sample, contract.labels)]
-            arm = arm64_rung(arm64_run, sample, canvases, q8, rt.prompt, contract, n_ctx, rt.label_ids, t.q8_logits,
+            arm = arm64_rung(arm64_run, [by_id[i] for i in arm_sample], canvases, q8, rt.prompt, contract, n_ctx, rt.label_ids, t.q8_logits,
                              t.offenders)
     metrics = ladder_metrics(out, t, eos)
     if arm is not None:

@@ -76,6 +76,7 @@ class Run:
     train: list[Example]
     val: list[Example]
     names: dict[str, str]  # example id -> the photo's name as the user knows it (file name, URL)
+    labels: tuple[str, ...]
     label_ids: list[int]
     cached: bool
     best: dict[str, torch.Tensor]
@@ -119,10 +120,10 @@ def prepare(args: argparse.Namespace, p: dict[str, Any], procs: Procs) -> Run:
     best, state = resumed or (trainable(net), {"fingerprint": fp, "epoch": 0, "history": [],
                                                "best": {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}})
     names = {r["id"]: r.get("name") or r["id"] for r in train_rows + val_rows}
-    return Run(peft_model, net, processor, opt, params, train, val, names, label_ids, cached, best, state)
+    return Run(peft_model, net, processor, opt, params, train, val, names, labels, label_ids, cached, best, state)
 
 
-def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckpt: Path, live: Any) -> None:
+def fit(run: Run, ft: dict[str, Any], procs: Procs, ckpt: Path, live: Any) -> None:
     """The epochs still to run after a resumed checkpoint; each one logged, checkpointed and kept if best."""
     for h in run.state["history"]:  # replay a resumed run's epochs, so the logs are whole
         for k in LOGGED:
@@ -130,7 +131,7 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
         live.next_step()
     pad_id = run.processor.tokenizer.pad_token_id
     if "start" not in run.state:  # the untrained model: what "the loss fell" is measured against, even after 1 epoch
-        acc, loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
+        acc, loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, run.labels, ft["batch_size"])
         run.state["start"] = {"val_acc": acc, "val_loss": loss}
     train_time, train_seen = 0.0, 0
     for epoch in range(run.state["epoch"] + 1, ft["epochs"] + 1):
@@ -142,7 +143,7 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
                                  procs, f"epoch {epoch}/{ft['epochs']}")
         train_time += time.perf_counter() - t0
         train_seen += len(order)
-        val_acc, val_loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, labels, ft["batch_size"])
+        val_acc, val_loss, _ = evaluate(run.net, run.val, pad_id, run.cached, run.label_ids, run.labels, ft["batch_size"])
         h = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
         run.state["history"].append(h)
         for k in LOGGED:
@@ -157,13 +158,13 @@ def fit(run: Run, ft: dict[str, Any], labels: tuple[str, ...], procs: Procs, ckp
         print(f"epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
 
 
-def fit_record(run: Run, labels: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+def fit_record(run: Run, batch_size: int) -> dict[str, Any]:
     """What the run measured, for release's quality gate to diagnose a weak model from: the val curve from the
     untrained model on, whether val_loss was still falling at the last epoch, and how the best epoch's weights
     answer the training photos (a photo the model answers as another class is a candidate for a wrong label)."""
     s = run.state
     _, _, preds = evaluate(run.net, run.train, run.processor.tokenizer.pad_token_id, run.cached, run.label_ids,
-                           labels, batch_size)
+                           run.labels, batch_size)
     disagree = [f"{run.names[e.id]} (labelled {e.label}, model {p})" for e, p in zip(run.train, preds) if p != e.label]
     losses = [s["start"]["val_loss"]] + [h["val_loss"] for h in s["history"]]
     return {"val_acc_start": s["start"]["val_acc"], "val_loss_start": s["start"]["val_loss"],
@@ -174,10 +175,10 @@ def fit_record(run: Run, labels: tuple[str, ...], batch_size: int) -> dict[str, 
             "train_disagree_photos": sorted(disagree)[:20]}
 
 
-def save(run: Run, labels: tuple[str, ...], batch_size: int, out: Path, metrics: Path) -> None:
+def save(run: Run, batch_size: int, out: Path, metrics: Path) -> None:
     """Merge the best epoch's weights and write the checkpoint and the metrics."""
     run.net.load_state_dict(run.best, strict=False)
-    record = fit_record(run, labels, batch_size)
+    record = fit_record(run, batch_size)
     merged = run.peft_model.merge_and_unload().to("cpu")
     shutil.rmtree(out, ignore_errors=True)
     hf_vlm.save(merged, run.processor, out)
@@ -199,11 +200,11 @@ def main() -> None:
         if procs.main:
             shutil.rmtree(args.live, ignore_errors=True)
         with Live(str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) if procs.main else NullLive() as live:
-            fit(run, p["finetune"], LABELS.validate_python(p["contract"]["labels"]), procs, args.ckpt, live)
+            fit(run, p["finetune"], procs, args.ckpt, live)
     finally:
         stop_processes()
     if procs.main:
-        save(run, LABELS.validate_python(p["contract"]["labels"]), p["finetune"]["batch_size"], args.out, args.metrics)
+        save(run, p["finetune"]["batch_size"], args.out, args.metrics)
         b = run.state["best"]
         # A timing is printed, never written into an output: it would change a hash on every machine.
         print(f"finetune: best val_loss {b['val_loss']:.4f} (val_acc {b['val_acc']:.3f}) at epoch {b['epoch']} "

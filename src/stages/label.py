@@ -195,14 +195,12 @@ def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def rank_for_review(labelled: list[dict[str, Any]], resize256: Path, base: Path, cache_dir: Path,
-                 p: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+def rank_for_review(labelled: list[dict[str, Any]], labels: tuple[str, ...], resize256: Path, base: Path,
+                    cache_dir: Path, q: review_queue.QueueParams) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
     """The labelled canvases ranked most-suspect first (src/labeling/review_queue.py) and the queue's metrics.
 
     Too few photos to hold any out (one class, a class of one photo) is no queue, said on the console and in
     the metrics: the queue advises, so the labels still stand (split judges whether they are enough)."""
-    labels = LABELS.validate_python(p["contract"]["labels"])
-    q = review_queue.QueueParams(**p["label"]["queue"])
     ok = [r for r in labelled if r["status"] == "ok"]
     why = review_queue.cannot_hold_out([r["element"] for r in ok], labels)
     if why:  # before the encoder pass: it would be spent for nothing
@@ -214,7 +212,7 @@ def rank_for_review(labelled: list[dict[str, Any]], resize256: Path, base: Path,
 
 
 def run(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_path: Path | None,
-                p: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+        p: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
     """The whole stage on plain params; returns the metrics. SystemExit on a bad config or the failure gate.
 
     Without `base` (a unit test's labels alone) there is no review queue: the audit page lists by class.
@@ -243,7 +241,9 @@ def run(resize256: Path, out: Path, metrics: Path, cache_dir: Path, overrides_pa
             raise SystemExit(f"label: {e}") from None
     labelled, applied = apply_overrides(labelled, matched)
     write_jsonl(out / "labels.jsonl", labelled)
-    queue, qm = rank_for_review(labelled, resize256, base, cache_dir, p) if base is not None else (None, None)
+    queue, qm = None, None
+    if base is not None:
+        queue, qm = rank_for_review(labelled, labels, resize256, base, cache_dir, review_queue.QueueParams(**lp["queue"]))
     if queue is not None:
         write_text_atomic(out / "queue.csv", csv_text(queue, review_queue.QUEUE_COLUMNS))
         write_text_atomic(out / "review.csv", csv_text(review_queue.review_rows(queue), review_queue.REVIEW_COLUMNS))

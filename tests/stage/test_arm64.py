@@ -16,7 +16,7 @@ from PIL import Image
 from src.config.schema import ParamsError, validate
 from src.parity.ladder import arm64_sample
 from src.runtime import arm64
-from testkit.project import ROOT, project_params
+from testkit.project import CONTRACT, ROOT, project_params
 
 RUNTIME = yaml.safe_load((ROOT / "runtime.yaml").read_text())
 PARAMS = project_params()
@@ -113,10 +113,9 @@ def test_the_tiny_pipeline_runs_the_rung_and_the_card_names_the_kernels(tiny_rep
 
 @pytest.mark.slow
 def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(tiny_repo: Path) -> None:
-    from src.config.contract import Contract
     from src.runtime.llama_vlm import LlamaVLM
 
-    contract = Contract.from_dict(PARAMS["contract"])
+    contract = CONTRACT
     gen, n_ctx = contract.generation, PARAMS["eval_parity"]["n_ctx"]
     images = canvases(tiny_repo, 2)
     probe = arm64.build({"dotprod": RUNTIME["llama_cpp_arm64"]["dotprod"]}, RUNTIME["llama_cpp_python"])["dotprod"]
@@ -142,10 +141,9 @@ def test_the_arm64_probe_answers_as_x86_llama_cpp_and_a_changed_prompt_does_not(
 def test_a_probe_on_a_core_without_its_instructions_fails_naming_the_variant_and_the_core(tiny_repo: Path) -> None:
     """Cortex-A76 has dot product but no i8mm: the i8mm build must trap there, so the dotprod rung on it proves
     the baseline phones' instruction set and not more."""
-    from src.config.contract import Contract
     from src.runtime.llama_vlm import LlamaVLM
 
-    contract = Contract.from_dict(PARAMS["contract"])
+    contract = CONTRACT
     prompt, n_ctx = contract.prompt_for(LlamaVLM.marker()), PARAMS["eval_parity"]["n_ctx"]
     probe = arm64.build({"i8mm": RUNTIME["llama_cpp_arm64"]["i8mm"]}, RUNTIME["llama_cpp_python"])["i8mm"]
     args = (*q8(tiny_repo), prompt, canvases(tiny_repo, 1), contract.generation.max_new_tokens, n_ctx)

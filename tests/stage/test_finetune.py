@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.config.contract import Contract
 from src.data.canvas import decode, render_png, to_canvas
 from src.data.demo import photo
 from src.data.files import sha256, write_bytes_atomic, write_jsonl
@@ -34,10 +33,10 @@ from src.model.training import (
     train_epoch,
     trainable,
 )
-from testkit.project import BIN, TINY_MODEL, copy_project, project_params
+from testkit.project import BIN, CONTRACT, TINY_MODEL, copy_project, project_params
 
 PARAMS = project_params()
-C = Contract.from_dict(PARAMS["contract"])
+C = CONTRACT
 FT = PARAMS["finetune"]
 ONE = Procs(0, 1, torch.device("cpu"))
 # 7 training canvases in batches of 3: batches of 3, 3 and 1, so two processes get shares of

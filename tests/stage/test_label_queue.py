@@ -132,11 +132,8 @@ def test_overrides_by_name_wait_for_approval_and_an_unknown_name_is_one_line(tmp
 def test_canvas_pixels_are_the_training_inputs_pixels(tiny_model: tuple[Any, Any]) -> None:
     from PIL import Image
 
-    from src.config.contract import Contract
-    from testkit.project import project_params
-
     _, processor = tiny_model
-    c = Contract.from_dict(project_params()["contract"])
+    c = CONTRACT
     img = Image.new("RGB", (c.canvas.size, c.canvas.size), (10, 200, 30))
     px = hf_vlm.canvas_pixels(processor, img)
     t = hf_vlm.training_example(processor, c.prompt, c.labels, c.target, img, "wood")
